@@ -1,0 +1,306 @@
+//! The replicated state and `apply`.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::command::{ActivationOutcome, ActivationRequest, Grant, Refusal};
+use crate::counting::{
+    application_list, filetime_to_unix_ms, Counting, ListKey, MAX_REQUIRED_CLIENT_COUNT,
+};
+use crate::policy::ProductPolicy;
+use crate::registry::{ClientPage, ClientQuery, ClientRecord, Registry};
+use crate::stats::Statistics;
+use crate::{Command, CommandResult, HostIdentity, Policy, UnixMillis, DAY_MS};
+
+/// HRESULT_FROM_WIN32(ERROR_INVALID_DATA): bad version, N too large, unusable request, as a
+/// genuine host answers.
+pub const HR_INVALID_DATA: u32 = 0x8007_000D;
+/// The KMS id is not activated by the host's CSVLK (SL_E_VL_KEY_MANAGEMENT_SERVICE_ID_MISMATCH).
+pub const HR_KMS_ID_NOT_ALLOWED: u32 = 0xC004_F042;
+/// The request's timestamp is too far from the host's clock (the error vlmcsd `-c1` uses).
+pub const HR_CLOCK_SKEW: u32 = 0xC004_F06C;
+
+/// Snapshot header: magic then format version, so a foreign or future file is rejected
+/// with a clear error instead of being misread.
+const SNAPSHOT_MAGIC: &[u8; 4] = b"KMSS";
+const SNAPSHOT_VERSION: u8 = 1;
+
+/// Why a snapshot could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("not a kms-core snapshot (bad magic)")]
+    BadMagic,
+    #[error("unsupported snapshot version {0} (this build reads {SNAPSHOT_VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("corrupt snapshot: {0}")]
+    Decode(#[from] postcard::Error),
+    #[error("corrupt snapshot: {0} trailing bytes")]
+    TrailingBytes(usize),
+}
+
+/// Count summary of one application list (like `slmgr /dlv` on a KMS host).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppCount {
+    pub application_id: Uuid,
+    /// Catalog name, or "unknown".
+    pub name: String,
+    /// Live CMIDs now.
+    pub current_count: u32,
+    /// 2 × `max_n_seen` (at least 1).
+    pub capacity: u32,
+    pub max_n_seen: u32,
+}
+
+/// The whole replicated state. Serializable as a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    identity: Option<HostIdentity>,
+    policy: Policy,
+    counting: Counting,
+    registry: Registry,
+    statistics: Statistics,
+}
+
+fn refuse(hresult: u32, reason: impl Into<String>) -> ActivationOutcome {
+    ActivationOutcome::Refused(Refusal {
+        hresult,
+        reason: reason.into(),
+    })
+}
+
+impl State {
+    /// Applies one command. Deterministic: no clock, no randomness, no I/O.
+    pub fn apply(&mut self, command: &Command) -> CommandResult {
+        match command {
+            Command::InitIdentity(identity) => {
+                let created = self.identity.is_none();
+                if created {
+                    self.identity = Some(identity.clone());
+                }
+                CommandResult::Identity { created }
+            }
+            Command::ReplaceIdentity(identity) => {
+                self.identity = Some(identity.clone());
+                CommandResult::Identity { created: true }
+            }
+            Command::Activate { now, requests } => CommandResult::Activations(
+                requests.iter().map(|r| self.activate(*now, r)).collect(),
+            ),
+            Command::SetPolicy(policy) => match policy.validate() {
+                Ok(()) => {
+                    self.policy = policy.clone();
+                    CommandResult::Policy(Ok(()))
+                }
+                Err(e) => CommandResult::Policy(Err(e.to_string())),
+            },
+            Command::Expire { now } => {
+                let retention_ms =
+                    u64::from(self.policy.registry_retention_days).saturating_mul(DAY_MS);
+                let clients = self.registry.expire(*now, retention_ms);
+                let cmids = self.counting.expire(*now);
+                CommandResult::Expired { clients, cmids }
+            }
+        }
+    }
+
+    /// Decides one request and records it in the statistics (and, if granted, in the CMID
+    /// cache and the registry).
+    fn activate(&mut self, now: UnixMillis, request: &ActivationRequest) -> ActivationOutcome {
+        let list = application_list(&request.application_id, &request.kms_counted_id);
+        let outcome = self.decide(now, request, &list);
+        let refusal = match &outcome {
+            ActivationOutcome::Granted(_) => None,
+            ActivationOutcome::Refused(r) => Some(r.hresult),
+        };
+        // Unknown ids that never got a list are pooled so junk cannot grow the statistics.
+        let stats_list = if list.known || self.counting.list(&list.id).is_some() {
+            list.id
+        } else {
+            Uuid::nil()
+        };
+        self.statistics
+            .record(stats_list, request.license_status, refusal);
+        outcome
+    }
+
+    fn decide(
+        &mut self,
+        now: UnixMillis,
+        request: &ActivationRequest,
+        list: &ListKey,
+    ) -> ActivationOutcome {
+        let Some(identity) = &self.identity else {
+            return refuse(HR_INVALID_DATA, "host identity not initialised");
+        };
+        if !matches!(request.protocol_major, 4..=6) || request.protocol_minor != 0 {
+            return refuse(
+                HR_INVALID_DATA,
+                format!(
+                    "unsupported protocol version {}.{}",
+                    request.protocol_major, request.protocol_minor
+                ),
+            );
+        }
+        let n = request.required_client_count;
+        if n > MAX_REQUIRED_CLIENT_COUNT {
+            return refuse(
+                HR_INVALID_DATA,
+                format!("required client count {n} exceeds {MAX_REQUIRED_CLIENT_COUNT}"),
+            );
+        }
+        if self.policy.product_policy == ProductPolicy::Strict {
+            let catalog = kms_catalog::catalog();
+            let licensed = self.policy.licensed_csvlks.iter().any(|id| {
+                catalog
+                    .csvlk(id)
+                    .is_some_and(|c| c.activates.contains(&request.kms_counted_id))
+            });
+            if !licensed {
+                return refuse(
+                    HR_KMS_ID_NOT_ALLOWED,
+                    format!(
+                        "KMS id {} is not activated by a licensed CSVLK",
+                        request.kms_counted_id
+                    ),
+                );
+            }
+        }
+        if let Some(minutes) = self.policy.max_clock_skew_minutes {
+            let client = i128::from(filetime_to_unix_ms(request.request_time));
+            let skew = (client - i128::from(now)).abs();
+            if skew > i128::from(minutes) * 60_000 {
+                return refuse(
+                    HR_CLOCK_SKEW,
+                    format!("client clock is {} minutes off", skew / 60_000),
+                );
+            }
+        }
+        if let Err(e) = self.counting.check(list) {
+            return refuse(HR_INVALID_DATA, e.to_string());
+        }
+        // Looked up before counting: a refused request must leave the caches untouched.
+        let Some((_, epid)) = identity.epid_for(
+            &request.application_id,
+            &request.kms_counted_id,
+            &self.policy.licensed_csvlks,
+        ) else {
+            return refuse(
+                HR_INVALID_DATA,
+                format!("no ePID for KMS id {}", request.kms_counted_id),
+            );
+        };
+        let epid = epid.to_owned();
+        let hwid = identity.hwid;
+        let count = match self.counting.record(
+            list,
+            request.client_machine_id,
+            request.previous_client_machine_id,
+            n,
+            now,
+        ) {
+            Ok(count) => count,
+            Err(e) => return refuse(HR_INVALID_DATA, e.to_string()),
+        };
+        let activated = count >= n;
+        self.registry
+            .record(list.id, request, now, count, activated);
+        ActivationOutcome::Granted(Grant {
+            epid,
+            hwid,
+            current_count: count,
+            activation_interval: self.policy.activation_interval,
+            renewal_interval: self.policy.renewal_interval,
+            activated,
+        })
+    }
+
+    pub fn identity(&self) -> Option<&HostIdentity> {
+        self.identity.as_ref()
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn statistics(&self) -> &Statistics {
+        &self.statistics
+    }
+
+    /// The CMID caches (read-only).
+    pub fn counting(&self) -> &Counting {
+        &self.counting
+    }
+
+    /// The client registry (read-only).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Live CMIDs of one application list at `now` (0 for an unknown list). No mutation.
+    pub fn current_count(&self, application_list: &Uuid, now: UnixMillis) -> u32 {
+        self.counting.current_count(application_list, now)
+    }
+
+    /// Count summary of every application list that has seen a request, by list id.
+    pub fn counts(&self, now: UnixMillis) -> Vec<AppCount> {
+        let catalog = kms_catalog::catalog();
+        self.counting
+            .lists()
+            .map(|(id, cache)| AppCount {
+                application_id: *id,
+                name: catalog
+                    .application(id)
+                    .map_or_else(|| "unknown".to_owned(), |a| a.name.to_owned()),
+                current_count: cache.live_count(now),
+                capacity: cache.capacity(),
+                max_n_seen: cache.max_n_seen(),
+            })
+            .collect()
+    }
+
+    /// Registered clients matching `query`, newest first, paged.
+    pub fn clients(&self, query: &ClientQuery) -> ClientPage {
+        self.registry.query(query)
+    }
+
+    /// The records of one CMID, one per application list it was granted in.
+    pub fn client(&self, cmid: &Uuid) -> Vec<&ClientRecord> {
+        self.registry.by_cmid(cmid)
+    }
+
+    /// Registered (application list, CMID) entries.
+    pub fn client_count(&self) -> usize {
+        self.registry.len()
+    }
+
+    /// Serializes the state (header + postcard). Deterministic: equal states give equal bytes.
+    pub fn try_to_snapshot(&self) -> Result<Vec<u8>, postcard::Error> {
+        let mut out = Vec::with_capacity(SNAPSHOT_MAGIC.len() + 1);
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.push(SNAPSHOT_VERSION);
+        postcard::to_extend(self, out)
+    }
+
+    /// Like [`State::try_to_snapshot`]. Serializing these types cannot fail (all sequences
+    /// have known lengths); should it ever, the empty result fails to load instead of
+    /// silently restoring a wrong state.
+    pub fn to_snapshot(&self) -> Vec<u8> {
+        self.try_to_snapshot().unwrap_or_default()
+    }
+
+    /// Loads a snapshot written by [`State::to_snapshot`]. Never panics on corrupt input.
+    pub fn from_snapshot(bytes: &[u8]) -> Result<State, SnapshotError> {
+        let body = bytes
+            .strip_prefix(SNAPSHOT_MAGIC.as_slice())
+            .ok_or(SnapshotError::BadMagic)?;
+        let (&version, body) = body.split_first().ok_or(SnapshotError::BadMagic)?;
+        if version != SNAPSHOT_VERSION {
+            return Err(SnapshotError::UnsupportedVersion(version));
+        }
+        let (state, rest) = postcard::take_from_bytes::<State>(body)?;
+        if !rest.is_empty() {
+            return Err(SnapshotError::TrailingBytes(rest.len()));
+        }
+        Ok(state)
+    }
+}

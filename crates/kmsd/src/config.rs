@@ -1,0 +1,544 @@
+//! Configuration: defaults < TOML file (`--config`) < environment (`KMSD_*`) < flags.
+//!
+//! Every file key has a flag and an environment variable; `kmsd --help` lists them all.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use ipnet::IpNet;
+use kms_core::policy::ProductPolicy;
+use kms_core::Policy;
+use serde::Deserialize;
+use uuid::Uuid;
+
+/// Command line of `kmsd`. Every option may also be given as `KMSD_<NAME>` in the
+/// environment or in the TOML file named by `--config` (section and key in brackets).
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "kmsd",
+    version,
+    about = "KMS host node: answers Windows and Office volume activation on TCP 1688",
+    long_about = "KMS host node: answers Windows and Office volume activation (KMS protocol v4, v5, v6) \
+on TCP 1688 and keeps its state (CMID cache, counts, client registry, policy, host identity) \
+durably in its data directory.\n\nWith no arguments it starts a working single node: KMS on \
+0.0.0.0:1688 and [::]:1688, data in ./kmsd-data, admin HTTP on 127.0.0.1:8688.\n\n\
+Precedence: flag > environment variable > config file > built-in default."
+)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, env = "KMSD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// KMS listen address, repeatable [kms.listen] (default 0.0.0.0:1688 and [::]:1688).
+    #[arg(long = "kms-listen", env = "KMSD_KMS_LISTEN", value_name = "ADDR", value_delimiter = ',')]
+    pub kms_listen: Vec<SocketAddr>,
+
+    /// Directory of the durable state [node.data_dir] (default ./kmsd-data).
+    #[arg(long, env = "KMSD_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Node id within the cluster, >= 1 [node.id] (default 1).
+    #[arg(long, env = "KMSD_NODE_ID", value_name = "N")]
+    pub node_id: Option<u64>,
+
+    /// Admin HTTP listen address: /healthz, /metrics [admin.listen] (default 127.0.0.1:8688).
+    #[arg(long, env = "KMSD_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+
+    /// Raft listen address [raft.listen] (default 127.0.0.1:7688; used by the cluster mode).
+    #[arg(long, env = "KMSD_RAFT_LISTEN", value_name = "ADDR")]
+    pub raft_listen: Option<SocketAddr>,
+
+    /// Admin URL of a cluster member to join, repeatable [raft.join] (cluster mode).
+    #[arg(long, env = "KMSD_JOIN", value_name = "URL", value_delimiter = ',')]
+    pub join: Vec<String>,
+
+    /// Most concurrent KMS connections; extra clients are refused [kms.max_connections] (default 10000).
+    #[arg(long, env = "KMSD_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Seconds a KMS connection may stay idle or take to deliver one PDU [kms.idle_timeout_secs] (default 30).
+    #[arg(long, env = "KMSD_IDLE_TIMEOUT_SECS", value_name = "SECS")]
+    pub idle_timeout_secs: Option<u64>,
+
+    /// Largest accepted DCE/RPC fragment in bytes [kms.max_pdu_size] (default 4096).
+    #[arg(long, env = "KMSD_MAX_PDU_SIZE", value_name = "BYTES")]
+    pub max_pdu_size: Option<usize>,
+
+    /// Most PDUs one connection may send before it is closed [kms.max_pdus_per_connection] (default 1000).
+    #[arg(long, env = "KMSD_MAX_PDUS_PER_CONNECTION", value_name = "N")]
+    pub max_pdus_per_connection: Option<u64>,
+
+    /// Client networks allowed to connect, repeatable; empty = all [kms.allow_networks].
+    #[arg(long = "allow-network", env = "KMSD_ALLOW_NETWORKS", value_name = "CIDR", value_delimiter = ',')]
+    pub allow_networks: Vec<IpNet>,
+
+    /// Offer NDR64 in bind negotiation like a modern Windows host [kms.ndr64] (default true).
+    #[arg(long, env = "KMSD_NDR64", value_name = "BOOL")]
+    pub ndr64: Option<bool>,
+
+    /// Answer bind-time feature negotiation [kms.btfn] (default true).
+    #[arg(long, env = "KMSD_BTFN", value_name = "BOOL")]
+    pub btfn: Option<bool>,
+
+    /// Write a state snapshot and compact the log every N entries [storage.snapshot_every] (default 10000).
+    #[arg(long, env = "KMSD_SNAPSHOT_EVERY", value_name = "N")]
+    pub snapshot_every: Option<u64>,
+
+    /// Most activations committed by one flush (group commit) [storage.group_commit_max] (default 512).
+    #[arg(long, env = "KMSD_GROUP_COMMIT_MAX", value_name = "N")]
+    pub group_commit_max: Option<usize>,
+
+    /// Minutes a failed client waits before retrying [policy.activation_interval] (15..=43200, default 120).
+    #[arg(long, env = "KMSD_ACTIVATION_INTERVAL", value_name = "MIN")]
+    pub activation_interval: Option<u32>,
+
+    /// Minutes between renewals [policy.renewal_interval] (15..=43200, default 10080).
+    #[arg(long, env = "KMSD_RENEWAL_INTERVAL", value_name = "MIN")]
+    pub renewal_interval: Option<u32>,
+
+    /// Product policy: open (any KMS id) or strict (only licensed CSVLKs) [policy.product_policy].
+    #[arg(long, env = "KMSD_PRODUCT_POLICY", value_name = "open|strict")]
+    pub product_policy: Option<ProductPolicyArg>,
+
+    /// Licensed CSVLK ids, repeatable [policy.licensed_csvlks] (see `kmsctl products`).
+    #[arg(long = "licensed-csvlk", env = "KMSD_LICENSED_CSVLKS", value_name = "GUID", value_delimiter = ',')]
+    pub licensed_csvlks: Vec<Uuid>,
+
+    /// Refuse clients whose clock is off by more than this many minutes (0xC004F06C); 0 = off
+    /// [policy.max_clock_skew_minutes] (a genuine host uses 240 when enabled).
+    #[arg(long, env = "KMSD_MAX_CLOCK_SKEW_MINUTES", value_name = "MIN")]
+    pub max_clock_skew_minutes: Option<u32>,
+
+    /// Days a client stays in the registry after it was last seen [policy.registry_retention_days] (default 180).
+    #[arg(long, env = "KMSD_REGISTRY_RETENTION_DAYS", value_name = "DAYS")]
+    pub registry_retention_days: Option<u32>,
+
+    /// Log format: text or json [log.format] (default text).
+    #[arg(long, env = "KMSD_LOG_FORMAT", value_name = "text|json")]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter, e.g. info or kmsd=debug [log.level] (default info; RUST_LOG also works).
+    #[arg(long, env = "KMSD_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProductPolicyArg {
+    Open,
+    Strict,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The TOML file. Unknown keys are an error so a typo never goes unnoticed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub node: NodeSection,
+    #[serde(default)]
+    pub kms: KmsSection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub raft: RaftSection,
+    #[serde(default)]
+    pub storage: StorageSection,
+    /// Present = the file's policy is authoritative and is applied at start-up.
+    pub policy: Option<PolicySection>,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    pub id: Option<u64>,
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsSection {
+    pub listen: Option<Vec<SocketAddr>>,
+    pub max_connections: Option<usize>,
+    pub idle_timeout_secs: Option<u64>,
+    pub max_pdu_size: Option<usize>,
+    pub max_pdus_per_connection: Option<u64>,
+    pub allow_networks: Option<Vec<IpNet>>,
+    pub ndr64: Option<bool>,
+    pub btfn: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaftSection {
+    pub listen: Option<SocketAddr>,
+    pub join: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    pub snapshot_every: Option<u64>,
+    pub group_commit_max: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    pub activation_interval: Option<u32>,
+    pub renewal_interval: Option<u32>,
+    pub product_policy: Option<ProductPolicyArg>,
+    pub licensed_csvlks: Option<Vec<Uuid>>,
+    pub max_clock_skew_minutes: Option<u32>,
+    pub client_networks: Option<Vec<IpNet>>,
+    pub registry_retention_days: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    pub format: Option<LogFormat>,
+    pub level: Option<String>,
+}
+
+/// The resolved configuration the node runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    pub kms_listen: Vec<SocketAddr>,
+    /// True when the listen list is the built-in default (an unavailable IPv6 stack is then
+    /// tolerated instead of failing start-up).
+    pub kms_listen_is_default: bool,
+    pub admin_listen: SocketAddr,
+    pub raft_listen: SocketAddr,
+    pub join: Vec<String>,
+    pub max_connections: usize,
+    pub idle_timeout: std::time::Duration,
+    pub max_pdu_size: usize,
+    pub max_pdus_per_connection: u64,
+    pub allow_networks: Vec<IpNet>,
+    pub ndr64: bool,
+    pub btfn: bool,
+    pub snapshot_every: u64,
+    pub group_commit_max: usize,
+    /// Policy to enforce at start-up, when the file or flags name any policy key.
+    pub policy: Option<Policy>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+pub const DEFAULT_KMS_PORT: u16 = 1688;
+
+fn default_kms_listen() -> Vec<SocketAddr> {
+    vec![
+        SocketAddr::from(([0, 0, 0, 0], DEFAULT_KMS_PORT)),
+        SocketAddr::from(([0u16; 8], DEFAULT_KMS_PORT)),
+    ]
+}
+
+impl Config {
+    /// Reads `--config` (if any) and merges it under the command line and environment.
+    pub fn load(cli: Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(cli, file)
+    }
+
+    pub fn merge(cli: Cli, file: FileConfig) -> Result<Self, ConfigError> {
+        let policy = resolve_policy(&cli_policy_section(&cli), file.policy.as_ref())?;
+        let (kms_listen, kms_listen_is_default) = if !cli.kms_listen.is_empty() {
+            (cli.kms_listen, false)
+        } else if let Some(list) = file.kms.listen {
+            (list, false)
+        } else {
+            (default_kms_listen(), true)
+        };
+        if kms_listen.is_empty() {
+            return Err(invalid("kms.listen", "at least one address is needed"));
+        }
+        let node_id = cli.node_id.or(file.node.id).unwrap_or(1);
+        if node_id == 0 {
+            return Err(invalid("node.id", "must be >= 1"));
+        }
+        let idle = cli
+            .idle_timeout_secs
+            .or(file.kms.idle_timeout_secs)
+            .unwrap_or(30);
+        if !(1..=600).contains(&idle) {
+            return Err(invalid("kms.idle_timeout_secs", format!("{idle} is outside 1..=600")));
+        }
+        let max_pdu_size = cli.max_pdu_size.or(file.kms.max_pdu_size).unwrap_or(4096);
+        if !(1024..=65535).contains(&max_pdu_size) {
+            return Err(invalid(
+                "kms.max_pdu_size",
+                format!("{max_pdu_size} is outside 1024..=65535 (a v6 NDR64 request is 300 bytes)"),
+            ));
+        }
+        let max_connections = cli
+            .max_connections
+            .or(file.kms.max_connections)
+            .unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err(invalid("kms.max_connections", "must be >= 1"));
+        }
+        let max_pdus = cli
+            .max_pdus_per_connection
+            .or(file.kms.max_pdus_per_connection)
+            .unwrap_or(1000);
+        if max_pdus < 2 {
+            return Err(invalid("kms.max_pdus_per_connection", "must be >= 2 (bind + request)"));
+        }
+        let snapshot_every = cli
+            .snapshot_every
+            .or(file.storage.snapshot_every)
+            .unwrap_or(10_000);
+        if snapshot_every == 0 {
+            return Err(invalid("storage.snapshot_every", "must be >= 1"));
+        }
+        let group_commit_max = cli
+            .group_commit_max
+            .or(file.storage.group_commit_max)
+            .unwrap_or(512);
+        if group_commit_max == 0 {
+            return Err(invalid("storage.group_commit_max", "must be >= 1"));
+        }
+        Ok(Self {
+            node_id,
+            data_dir: cli
+                .data_dir
+                .or(file.node.data_dir)
+                .unwrap_or_else(|| PathBuf::from("kmsd-data")),
+            kms_listen,
+            kms_listen_is_default,
+            admin_listen: cli
+                .admin_listen
+                .or(file.admin.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8688))),
+            raft_listen: cli
+                .raft_listen
+                .or(file.raft.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7688))),
+            join: if cli.join.is_empty() {
+                file.raft.join.unwrap_or_default()
+            } else {
+                cli.join
+            },
+            max_connections,
+            idle_timeout: std::time::Duration::from_secs(idle),
+            max_pdu_size,
+            max_pdus_per_connection: max_pdus,
+            allow_networks: if cli.allow_networks.is_empty() {
+                file.kms.allow_networks.unwrap_or_default()
+            } else {
+                cli.allow_networks
+            },
+            ndr64: cli.ndr64.or(file.kms.ndr64).unwrap_or(true),
+            btfn: cli.btfn.or(file.kms.btfn).unwrap_or(true),
+            snapshot_every,
+            group_commit_max,
+            policy,
+            log_format: cli.log_format.or(file.log.format).unwrap_or_default(),
+            log_level: cli
+                .log_level
+                .or(file.log.level)
+                .unwrap_or_else(|| "info".to_owned()),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn cli_policy_section(cli: &Cli) -> PolicySection {
+    PolicySection {
+        activation_interval: cli.activation_interval,
+        renewal_interval: cli.renewal_interval,
+        product_policy: cli.product_policy,
+        licensed_csvlks: (!cli.licensed_csvlks.is_empty()).then(|| cli.licensed_csvlks.clone()),
+        max_clock_skew_minutes: cli.max_clock_skew_minutes,
+        client_networks: None,
+        registry_retention_days: cli.registry_retention_days,
+    }
+}
+
+fn section_is_empty(s: &PolicySection) -> bool {
+    s.activation_interval.is_none()
+        && s.renewal_interval.is_none()
+        && s.product_policy.is_none()
+        && s.licensed_csvlks.is_none()
+        && s.max_clock_skew_minutes.is_none()
+        && s.client_networks.is_none()
+        && s.registry_retention_days.is_none()
+}
+
+/// Builds the start-up policy from flags over the file; `None` when neither names a key
+/// (the replicated policy then stays as it is).
+fn resolve_policy(
+    cli: &PolicySection,
+    file: Option<&PolicySection>,
+) -> Result<Option<Policy>, ConfigError> {
+    let empty = PolicySection::default();
+    let file = file.unwrap_or(&empty);
+    if section_is_empty(cli) && section_is_empty(file) {
+        return Ok(None);
+    }
+    let defaults = Policy::default();
+    let skew = cli.max_clock_skew_minutes.or(file.max_clock_skew_minutes);
+    let policy = Policy {
+        activation_interval: cli
+            .activation_interval
+            .or(file.activation_interval)
+            .unwrap_or(defaults.activation_interval),
+        renewal_interval: cli
+            .renewal_interval
+            .or(file.renewal_interval)
+            .unwrap_or(defaults.renewal_interval),
+        product_policy: match cli.product_policy.or(file.product_policy) {
+            Some(ProductPolicyArg::Strict) => ProductPolicy::Strict,
+            Some(ProductPolicyArg::Open) | None => ProductPolicy::Open,
+        },
+        licensed_csvlks: cli
+            .licensed_csvlks
+            .clone()
+            .or_else(|| file.licensed_csvlks.clone())
+            .unwrap_or_default(),
+        max_clock_skew_minutes: skew.filter(|m| *m != 0),
+        client_networks: cli
+            .client_networks
+            .clone()
+            .or_else(|| file.client_networks.clone())
+            .unwrap_or_default(),
+        registry_retention_days: cli
+            .registry_retention_days
+            .or(file.registry_retention_days)
+            .unwrap_or(defaults.registry_retention_days),
+    };
+    policy.validate().map_err(|e| ConfigError::Invalid {
+        key: match e.field {
+            "activation_interval" => "policy.activation_interval",
+            "renewal_interval" => "policy.renewal_interval",
+            "max_clock_skew_minutes" => "policy.max_clock_skew_minutes",
+            "registry_retention_days" => "policy.registry_retention_days",
+            "licensed_csvlks" => "policy.licensed_csvlks",
+            _ => "policy",
+        },
+        message: e.message,
+    })?;
+    Ok(Some(policy))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let mut all = vec!["kmsd"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).expect("valid command line")
+    }
+
+    #[test]
+    fn defaults_give_a_working_single_node() {
+        let cfg = Config::merge(parse(&[]), FileConfig::default()).unwrap();
+        assert_eq!(cfg.kms_listen, default_kms_listen());
+        assert!(cfg.kms_listen_is_default);
+        assert_eq!(cfg.data_dir, PathBuf::from("kmsd-data"));
+        assert_eq!(cfg.admin_listen.to_string(), "127.0.0.1:8688");
+        assert_eq!(cfg.raft_listen.to_string(), "127.0.0.1:7688");
+        assert_eq!(cfg.idle_timeout.as_secs(), 30);
+        assert!(cfg.policy.is_none());
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            [node]
+            id = 3
+            data_dir = "/var/lib/kmsd"
+            [kms]
+            listen = ["127.0.0.1:1700"]
+            idle_timeout_secs = 10
+            [policy]
+            renewal_interval = 1440
+            "#,
+        )
+        .unwrap();
+        let cfg = Config::merge(
+            parse(&["--kms-listen", "127.0.0.1:1800", "--idle-timeout-secs", "5"]),
+            file,
+        )
+        .unwrap();
+        assert_eq!(cfg.node_id, 3);
+        assert_eq!(cfg.kms_listen, vec!["127.0.0.1:1800".parse().unwrap()]);
+        assert_eq!(cfg.idle_timeout.as_secs(), 5);
+        let policy = cfg.policy.unwrap();
+        assert_eq!(policy.renewal_interval, 1440);
+        assert_eq!(policy.activation_interval, 120);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let err = toml::from_str::<FileConfig>("[kms]\nlisten_addr = []\n").unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_key() {
+        let err = Config::merge(parse(&["--renewal-interval", "5"]), FileConfig::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("policy.renewal_interval"), "{err}");
+        let err = Config::merge(parse(&["--max-pdu-size", "10"]), FileConfig::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("kms.max_pdu_size"), "{err}");
+    }
+}
