@@ -27,7 +27,9 @@ enum Reply {
 }
 
 fn read_reply(stream: &mut TcpStream) -> Reply {
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut header = [0u8; 16];
     let mut got = 0;
     while got < 16 {
@@ -104,7 +106,14 @@ fn hostile_input_is_answered_with_faults_or_closes_and_writes_nothing() {
     let _ = rpc.bind();
     let mut pdu = {
         // Build a request PDU from a bound client, then send it on an unbound connection.
-        let (_, mut other) = bound(&node, BindOptions { ndr64: false, btfn: false, multiplex: true });
+        let (_, mut other) = bound(
+            &node,
+            BindOptions {
+                ndr64: false,
+                btfn: false,
+                multiplex: true,
+            },
+        );
         other.request(&windows_request(6, 0)).unwrap()
     };
     pdu[12..16].copy_from_slice(&77u32.to_le_bytes());
@@ -118,19 +127,37 @@ fn hostile_input_is_answered_with_faults_or_closes_and_writes_nothing() {
     }
 
     // Unknown context id after a bind -> FAULT.
-    let (mut s, mut rpc) = bound(&node, BindOptions { ndr64: false, btfn: false, multiplex: true });
+    let (mut s, mut rpc) = bound(
+        &node,
+        BindOptions {
+            ndr64: false,
+            btfn: false,
+            multiplex: true,
+        },
+    );
     let mut pdu = rpc.request(&windows_request(6, 0)).unwrap();
     pdu[20..22].copy_from_slice(&7u16.to_le_bytes());
     s.write_all(&pdu).unwrap();
-    let Reply::Pdu(p) = read_reply(&mut s) else { panic!("expected a FAULT") };
+    let Reply::Pdu(p) = read_reply(&mut s) else {
+        panic!("expected a FAULT")
+    };
     assert_eq!(fault_status(&p), Some(0x1C01_0003));
 
     // Wrong opnum -> FAULT (operation range error).
-    let (mut s, mut rpc) = bound(&node, BindOptions { ndr64: false, btfn: false, multiplex: true });
+    let (mut s, mut rpc) = bound(
+        &node,
+        BindOptions {
+            ndr64: false,
+            btfn: false,
+            multiplex: true,
+        },
+    );
     let mut pdu = rpc.request(&windows_request(6, 0)).unwrap();
     pdu[22..24].copy_from_slice(&5u16.to_le_bytes());
     s.write_all(&pdu).unwrap();
-    let Reply::Pdu(p) = read_reply(&mut s) else { panic!("expected a FAULT") };
+    let Reply::Pdu(p) = read_reply(&mut s) else {
+        panic!("expected a FAULT")
+    };
     assert_eq!(fault_status(&p), Some(0x1C01_0002));
 
     // Bad KMS versions, short messages and undecryptable payloads -> error stub 0x8007000D.
@@ -152,8 +179,14 @@ fn hostile_input_is_answered_with_faults_or_closes_and_writes_nothing() {
     for (what, msg) in bad_messages {
         let (mut s, mut rpc) = bound(&node, BindOptions::default());
         s.write_all(&rpc.request(&msg).unwrap()).unwrap();
-        let Reply::Pdu(p) = read_reply(&mut s) else { panic!("{what}: closed instead of an error stub") };
-        assert_eq!(rpc.handle_response(&p).unwrap(), CallResult::Error(0x8007_000D), "{what}");
+        let Reply::Pdu(p) = read_reply(&mut s) else {
+            panic!("{what}: closed instead of an error stub")
+        };
+        assert_eq!(
+            rpc.handle_response(&p).unwrap(),
+            CallResult::Error(0x8007_000D),
+            "{what}"
+        );
     }
 
     // Framing attacks: each closes that connection only.
@@ -172,7 +205,12 @@ fn hostile_input_is_answered_with_faults_or_closes_and_writes_nothing() {
             h[0] = 4;
             [h, vec![0; 8]].concat()
         }),
-        ("garbage", (0..64u8).map(|i| i.wrapping_mul(37).wrapping_add(11)).collect()),
+        (
+            "garbage",
+            (0..64u8)
+                .map(|i| i.wrapping_mul(37).wrapping_add(11))
+                .collect(),
+        ),
     ];
     for (what, bytes) in cases {
         let mut s = connect(&node);
@@ -186,7 +224,10 @@ fn hostile_input_is_answered_with_faults_or_closes_and_writes_nothing() {
     s.write_all(&bind[..40]).unwrap();
     let started = Instant::now();
     assert_eq!(read_reply(&mut s), Reply::Closed);
-    assert!(started.elapsed() < Duration::from_secs(5), "closed by the idle timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed by the idle timeout"
+    );
 
     // Slow drip: one byte every 300 ms never completes a PDU within the timeout, and other
     // clients are served meanwhile.
@@ -209,37 +250,64 @@ fn hostile_input_is_answered_with_faults_or_closes_and_writes_nothing() {
     std::thread::sleep(Duration::from_millis(500));
     let t0 = Instant::now();
     still_serving(&node, 1);
-    assert!(t0.elapsed() < Duration::from_secs(2), "a slow client blocked another");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "a slow client blocked another"
+    );
     let (closed, elapsed) = drip.join().unwrap();
     assert!(closed, "slow-drip connection was not closed");
-    assert!(elapsed < Duration::from_secs(9), "slow drip held the connection for {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(9),
+        "slow drip held the connection for {elapsed:?}"
+    );
 
     // Nothing rejected above reached the state: the one genuine Office client is the only
     // registered client, and a genuine Windows client now gets count 1.
     let (_, metrics) = http_get(node.admin_addr, "/metrics").unwrap();
-    assert_eq!(metric_value(&metrics, "kms_registered_clients"), Some(1.0), "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, "kms_registered_clients"),
+        Some(1.0),
+        "{metrics}"
+    );
     let (mut s, mut rpc) = bound(&node, BindOptions::default());
     let t = RequestTemplate::new(resolve("windows").unwrap());
     let (msg, session) = encode_request(&t.build(Uuid::new_v4(), now_ms()), rand::random());
     s.write_all(&rpc.request(&msg).unwrap()).unwrap();
-    let Reply::Pdu(p) = read_reply(&mut s) else { panic!("no answer") };
-    let CallResult::Success(bytes) = rpc.handle_response(&p).unwrap() else { panic!("refused") };
+    let Reply::Pdu(p) = read_reply(&mut s) else {
+        panic!("no answer")
+    };
+    let CallResult::Success(bytes) = rpc.handle_response(&p).unwrap() else {
+        panic!("refused")
+    };
     let resp = kms_wire::kms::decode_response(&session, &bytes).unwrap();
     assert_eq!(resp.base.current_count, 1);
     assert!(resp.base.request_time > filetime::from_unix_millis(0));
-    assert!(metric_value(&metrics, "kms_rpc_faults_total").is_some(), "faults are counted");
+    assert!(
+        metric_value(&metrics, "kms_rpc_faults_total").is_some(),
+        "faults are counted"
+    );
 }
 
 #[test]
 fn connection_limit_refuses_extra_clients_but_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), &["--max-connections", "2", "--idle-timeout-secs", "3"]);
-    let hold1 = connect(&node);
-    let hold2 = connect(&node);
-    std::thread::sleep(Duration::from_millis(200));
+    let node = Node::start(
+        dir.path(),
+        &["--max-connections", "2", "--idle-timeout-secs", "3"],
+    );
+    // Two bound connections hold both slots (the readiness probe's connection is gone by then).
+    std::thread::sleep(Duration::from_millis(300));
+    let hold1 = bound(&node, BindOptions::default());
+    let hold2 = bound(&node, BindOptions::default());
     let mut third = connect(&node);
-    third.write_all(&ClientConnection::new(BindOptions::default()).bind()).unwrap();
-    assert_eq!(read_reply(&mut third), Reply::Closed, "third connection over the limit");
+    third
+        .write_all(&ClientConnection::new(BindOptions::default()).bind())
+        .unwrap();
+    assert_eq!(
+        read_reply(&mut third),
+        Reply::Closed,
+        "third connection over the limit"
+    );
     drop(hold1);
     drop(hold2);
     std::thread::sleep(Duration::from_millis(200));

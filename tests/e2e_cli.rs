@@ -20,7 +20,14 @@ fn kmsctl_activate_json_exit_codes_and_bench() {
     let server = node.kms();
 
     let (code, out, err) = kmsctl(&[
-        "activate", "--server", &server, "--product", "windows", "--count", "3", "--json",
+        "activate",
+        "--server",
+        &server,
+        "--product",
+        "windows",
+        "--count",
+        "3",
+        "--json",
     ]);
     assert_eq!(code, 0, "{out}{err}");
     let lines: Vec<serde_json::Value> = out
@@ -39,8 +46,19 @@ fn kmsctl_activate_json_exit_codes_and_bench() {
 
     // Text output, v4, NDR32-only bind, no multiplex, one connection per request.
     let (code, out, err) = kmsctl(&[
-        "activate", "--server", &server, "--product", "office2010", "--protocol", "4",
-        "--bind", "ndr32", "--no-multiplex", "--new-connection", "--count", "2",
+        "activate",
+        "--server",
+        &server,
+        "--product",
+        "office2010",
+        "--protocol",
+        "4",
+        "--bind",
+        "ndr32",
+        "--no-multiplex",
+        "--new-connection",
+        "--count",
+        "2",
     ]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("KMS host ePID"), "{out}");
@@ -53,7 +71,13 @@ fn kmsctl_activate_json_exit_codes_and_bench() {
     assert!(out.contains("0x8007000D"), "{out}");
 
     // Usage errors exit 2 and name the problem.
-    let (code, _, err) = kmsctl(&["activate", "--server", &server, "--product", "no such thing"]);
+    let (code, _, err) = kmsctl(&[
+        "activate",
+        "--server",
+        &server,
+        "--product",
+        "no such thing",
+    ]);
     assert_eq!(code, 2);
     assert!(err.contains("--product"), "{err}");
 
@@ -65,7 +89,16 @@ fn kmsctl_activate_json_exit_codes_and_bench() {
 
     // A short bench run: bounded, all verified, JSON report.
     let (code, out, err) = kmsctl(&[
-        "bench", "--server", &server, "--concurrency", "4", "--requests", "200", "--duration-secs", "30", "--json",
+        "bench",
+        "--server",
+        &server,
+        "--concurrency",
+        "4",
+        "--requests",
+        "200",
+        "--duration-secs",
+        "30",
+        "--json",
     ]);
     assert_eq!(code, 0, "{out}{err}");
     let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
@@ -116,7 +149,11 @@ fn kmsd_rejects_bad_configuration_naming_the_key() {
     assert!(err.contains("kms.idle_timeout_secs"), "{err}");
 
     std::fs::write(&cfg, "[kms]\nlisten_on = 1\n").unwrap();
-    let out = Command::new(binary("kmsd")).arg("--config").arg(&cfg).output().unwrap();
+    let out = Command::new(binary("kmsd"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen_on"));
 

@@ -27,7 +27,11 @@ async fn activate(node: &Node, t: &RequestTemplate, cmid: Uuid) -> Seen {
     let mut c = KmsClient::connect(&node.kms(), BindOptions::default(), TIMEOUT)
         .await
         .unwrap();
-    match c.activate(&t.build(cmid, now_ms()), rand::random()).await.unwrap() {
+    match c
+        .activate(&t.build(cmid, now_ms()), rand::random())
+        .await
+        .unwrap()
+    {
         Answer::Activated(r) => Seen {
             count: r.base.current_count,
             epid: r.base.epid,
@@ -55,9 +59,13 @@ async fn state_and_identity_survive_kill_9() {
     {
         let addr = node.kms();
         tasks.push(tokio::spawn(async move {
-            let mut c = KmsClient::connect(&addr, BindOptions::default(), TIMEOUT).await.unwrap();
+            let mut c = KmsClient::connect(&addr, BindOptions::default(), TIMEOUT)
+                .await
+                .unwrap();
             matches!(
-                c.activate(&t.build(cmid, now_ms()), rand::random()).await.unwrap(),
+                c.activate(&t.build(cmid, now_ms()), rand::random())
+                    .await
+                    .unwrap(),
                 Answer::Activated(_)
             )
         }));
@@ -70,7 +78,11 @@ async fn state_and_identity_survive_kill_9() {
     assert_eq!(before_w.count, 30);
     assert_eq!(before_o.count, 7);
     let (_, metrics) = http_get(node.admin_addr, "/metrics").unwrap();
-    assert_eq!(metric_value(&metrics, "kms_registered_clients"), Some(37.0), "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, "kms_registered_clients"),
+        Some(37.0),
+        "{metrics}"
+    );
 
     // kill -9: nothing gets a chance to flush.
     node.kill9();
@@ -80,20 +92,35 @@ async fn state_and_identity_survive_kill_9() {
     for cmid in &windows_cmids {
         let seen = activate(&node, &windows, *cmid).await;
         assert_eq!(seen.count, 30, "Windows client {cmid} lost");
-        assert_eq!(seen.epid, before_w.epid, "Windows ePID changed across restart");
+        assert_eq!(
+            seen.epid, before_w.epid,
+            "Windows ePID changed across restart"
+        );
         assert_eq!(seen.hwid, before_w.hwid, "HWID changed across restart");
     }
     for cmid in &office_cmids {
         let seen = activate(&node, &office, *cmid).await;
         assert_eq!(seen.count, 7, "Office client {cmid} lost");
-        assert_eq!(seen.epid, before_o.epid, "Office ePID changed across restart");
+        assert_eq!(
+            seen.epid, before_o.epid,
+            "Office ePID changed across restart"
+        );
     }
     assert_eq!(activate(&node, &windows, Uuid::new_v4()).await.count, 31);
     let (_, metrics) = http_get(node.admin_addr, "/metrics").unwrap();
-    assert_eq!(metric_value(&metrics, "kms_registered_clients"), Some(38.0), "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, "kms_registered_clients"),
+        Some(38.0),
+        "{metrics}"
+    );
 
     // A graceful stop and restart keeps everything too.
-    assert_eq!(node.terminate(), Some(0), "clean exit on SIGTERM; log:\n{}", node.log());
+    assert_eq!(
+        node.terminate(),
+        Some(0),
+        "clean exit on SIGTERM; log:\n{}",
+        node.log()
+    );
     node.spawn();
     assert_eq!(activate(&node, &windows, windows_cmids[1]).await.count, 31);
 }
@@ -108,7 +135,11 @@ async fn snapshots_and_log_compaction_keep_the_state() {
     for (i, cmid) in cmids.iter().enumerate() {
         assert_eq!(activate(&node, &windows, *cmid).await.count, i as u32 + 1);
     }
-    assert!(node.log().contains("snapshot written"), "no snapshot taken:\n{}", node.log());
+    assert!(
+        node.log().contains("snapshot written"),
+        "no snapshot taken:\n{}",
+        node.log()
+    );
     node.kill9();
     node.spawn();
     for cmid in &cmids {

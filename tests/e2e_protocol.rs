@@ -31,7 +31,11 @@ async fn count_for(node: &Node, t: &RequestTemplate, cmid: Uuid) -> u32 {
     let mut c = KmsClient::connect(&node.kms(), BindOptions::default(), TIMEOUT)
         .await
         .unwrap();
-    match c.activate(&t.build(cmid, now_ms()), rand::random()).await.unwrap() {
+    match c
+        .activate(&t.build(cmid, now_ms()), rand::random())
+        .await
+        .unwrap()
+    {
         Answer::Activated(r) => r.base.current_count,
         Answer::Refused(hr) => panic!("refused 0x{hr:08X}"),
     }
@@ -42,11 +46,46 @@ async fn every_version_bind_and_connection_mode_is_answered_and_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path(), &[]);
     let binds = [
-        ("full", BindOptions { ndr64: true, btfn: true, multiplex: true }),
-        ("ndr32", BindOptions { ndr64: false, btfn: false, multiplex: true }),
-        ("ndr32+btfn", BindOptions { ndr64: false, btfn: true, multiplex: true }),
-        ("ndr64-no-btfn", BindOptions { ndr64: true, btfn: false, multiplex: true }),
-        ("no-multiplex", BindOptions { ndr64: true, btfn: true, multiplex: false }),
+        (
+            "full",
+            BindOptions {
+                ndr64: true,
+                btfn: true,
+                multiplex: true,
+            },
+        ),
+        (
+            "ndr32",
+            BindOptions {
+                ndr64: false,
+                btfn: false,
+                multiplex: true,
+            },
+        ),
+        (
+            "ndr32+btfn",
+            BindOptions {
+                ndr64: false,
+                btfn: true,
+                multiplex: true,
+            },
+        ),
+        (
+            "ndr64-no-btfn",
+            BindOptions {
+                ndr64: true,
+                btfn: false,
+                multiplex: true,
+            },
+        ),
+        (
+            "no-multiplex",
+            BindOptions {
+                ndr64: true,
+                btfn: true,
+                multiplex: false,
+            },
+        ),
     ];
     let mut epids: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
     let mut hwids = BTreeSet::new();
@@ -61,12 +100,18 @@ async fn every_version_bind_and_connection_mode_is_answered_and_verifies() {
                     // later ones as NDR64 when NDR64 was negotiated.
                     for _ in 0..3 {
                         if conn.is_none() || new_connection {
-                            conn = Some(KmsClient::connect(&node.kms(), bind, TIMEOUT).await.unwrap());
+                            conn = Some(
+                                KmsClient::connect(&node.kms(), bind, TIMEOUT)
+                                    .await
+                                    .unwrap(),
+                            );
                         }
                         let c = conn.as_mut().unwrap();
                         let cmid = Uuid::new_v4();
                         let answer = c.activate(&t.build(cmid, now_ms()), rand::random()).await;
-                        let ctx = format!("{product} v{protocol} {bind_name} new_connection={new_connection}");
+                        let ctx = format!(
+                            "{product} v{protocol} {bind_name} new_connection={new_connection}"
+                        );
                         match answer {
                             Ok(Answer::Activated(r)) => {
                                 assert_eq!(r.base.client_machine_id, cmid, "{ctx}");
@@ -82,7 +127,11 @@ async fn every_version_bind_and_connection_mode_is_answered_and_verifies() {
                             }
                             other => panic!("{ctx}: {other:?}"),
                         }
-                        assert!(c.warnings().is_empty(), "{ctx}: warnings {:?}", c.warnings());
+                        assert!(
+                            c.warnings().is_empty(),
+                            "{ctx}: warnings {:?}",
+                            c.warnings()
+                        );
                         exchanges += 1;
                     }
                 }
@@ -96,7 +145,10 @@ async fn every_version_bind_and_connection_mode_is_answered_and_verifies() {
     }
     assert_eq!(hwids.len(), 1, "several HWIDs: {hwids:?}");
     let windows_epid = epids["windows"].iter().next().unwrap().clone();
-    assert!(windows_epid.split('-').nth(1) == Some("00206"), "{windows_epid}");
+    assert!(
+        windows_epid.split('-').nth(1) == Some("00206"),
+        "{windows_epid}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,23 +207,40 @@ async fn strict_policy_refuses_products_outside_the_licensed_csvlks() {
         .to_string();
     let node = Node::start(
         dir.path(),
-        &["--product-policy", "strict", "--licensed-csvlk", &office_csvlk],
+        &[
+            "--product-policy",
+            "strict",
+            "--licensed-csvlk",
+            &office_csvlk,
+        ],
     );
     let mut c = KmsClient::connect(&node.kms(), BindOptions::default(), TIMEOUT)
         .await
         .unwrap();
     let office = template("office", 6);
-    match c.activate(&office.build(Uuid::new_v4(), now_ms()), rand::random()).await.unwrap() {
+    match c
+        .activate(&office.build(Uuid::new_v4(), now_ms()), rand::random())
+        .await
+        .unwrap()
+    {
         Answer::Activated(r) => assert_eq!(r.base.current_count, 1),
         other => panic!("office refused: {other:?}"),
     }
     let windows = template("windows", 6);
-    match c.activate(&windows.build(Uuid::new_v4(), now_ms()), rand::random()).await.unwrap() {
+    match c
+        .activate(&windows.build(Uuid::new_v4(), now_ms()), rand::random())
+        .await
+        .unwrap()
+    {
         Answer::Refused(hr) => assert_eq!(hr, 0xC004_F042),
         other => panic!("windows should be refused: {other:?}"),
     }
     // The refused client was not counted.
-    match c.activate(&windows.build(Uuid::new_v4(), now_ms()), rand::random()).await.unwrap() {
+    match c
+        .activate(&windows.build(Uuid::new_v4(), now_ms()), rand::random())
+        .await
+        .unwrap()
+    {
         Answer::Refused(hr) => assert_eq!(hr, 0xC004_F042),
         other => panic!("windows should be refused: {other:?}"),
     }
@@ -186,12 +255,29 @@ async fn clock_skew_check_refuses_far_off_clients_when_enabled() {
         .await
         .unwrap();
     let five_hours = 5 * 3600 * 1000;
-    match c.activate(&t.build(Uuid::new_v4(), now_ms() - five_hours), rand::random()).await.unwrap() {
+    match c
+        .activate(
+            &t.build(Uuid::new_v4(), now_ms() - five_hours),
+            rand::random(),
+        )
+        .await
+        .unwrap()
+    {
         Answer::Refused(hr) => assert_eq!(hr, 0xC004_F06C),
         other => panic!("expected a clock refusal: {other:?}"),
     }
-    match c.activate(&t.build(Uuid::new_v4(), now_ms() - 3600 * 1000), rand::random()).await.unwrap() {
-        Answer::Activated(r) => assert_eq!(r.base.current_count, 1, "the refused client was not counted"),
+    match c
+        .activate(
+            &t.build(Uuid::new_v4(), now_ms() - 3600 * 1000),
+            rand::random(),
+        )
+        .await
+        .unwrap()
+    {
+        Answer::Activated(r) => assert_eq!(
+            r.base.current_count, 1,
+            "the refused client was not counted"
+        ),
         other => panic!("one hour is within 4 h: {other:?}"),
     }
 }

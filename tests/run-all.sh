@@ -29,7 +29,7 @@ cargo test --workspace --locked 2>&1 | tee "$CARGO_TARGET_DIR/test-output.txt"
 if [ "$FUZZ_SECONDS" != "0" ]; then
   step "fuzz the PDU and KMS decoders for ${FUZZ_SECONDS}s each"
   if ! command -v cargo-fuzz >/dev/null 2>&1; then
-    cargo install cargo-fuzz --locked --version 0.12.0 || {
+    cargo install cargo-fuzz --locked --version 0.13.2 || {
       if in_ci; then echo "cargo-fuzz could not be installed" >&2; exit 1; fi
       echo "cargo-fuzz unavailable; fuzzing skipped (not in CI)"; FUZZ_SECONDS=0; }
   fi

@@ -288,6 +288,15 @@ impl State {
         self.try_to_snapshot().unwrap_or_default()
     }
 
+    /// Streams the same bytes as [`State::to_snapshot`] into `out` without building them in
+    /// memory first (a large registry would otherwise need a second copy of itself).
+    pub fn write_snapshot<W: std::io::Write>(&self, mut out: W) -> Result<(), postcard::Error> {
+        out.write_all(SNAPSHOT_MAGIC)
+            .and_then(|()| out.write_all(&[SNAPSHOT_VERSION]))
+            .map_err(|_| postcard::Error::SerializeBufferFull)?;
+        postcard::to_io(self, out).map(|_| ())
+    }
+
     /// Loads a snapshot written by [`State::to_snapshot`]. Never panics on corrupt input.
     pub fn from_snapshot(bytes: &[u8]) -> Result<State, SnapshotError> {
         let body = bytes

@@ -5,6 +5,8 @@
 //! a `u64` index, plus a few named metadata values (vote, last snapshot, ...). Writes become
 //! durable at [`Storage::flush`], which the caller issues once per batch (group commit).
 
+use std::io::{self, Write};
+
 mod memory;
 mod sled_store;
 
@@ -41,6 +43,42 @@ pub trait Storage: Send + Sync + 'static {
     fn flush(&self) -> Result<()>;
     /// Bytes used on disk (approximate; 0 for memory).
     fn size_on_disk(&self) -> Result<u64>;
+    /// Replaces the snapshot atomically and durably. `meta` is small (e.g. the last index);
+    /// `body` streams the (possibly large) state into the writer it is given.
+    fn write_snapshot(
+        &self,
+        meta: &[u8],
+        body: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<()>;
+    /// The last snapshot written, as (meta, body).
+    fn read_snapshot(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
+}
+
+/// Snapshot framing shared by the backends: `u32 LE meta length || meta || body`.
+fn frame_snapshot(
+    out: &mut dyn Write,
+    meta: &[u8],
+    body: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
+    let len = u32::try_from(meta.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "snapshot meta too large"))?;
+    out.write_all(&len.to_le_bytes())?;
+    out.write_all(meta)?;
+    body(out)
+}
+
+fn unframe_snapshot(bytes: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>)> {
+    let corrupt = || StorageError::Corrupt("snapshot header".into());
+    let len_bytes: [u8; 4] = bytes
+        .get(..4)
+        .ok_or_else(corrupt)?
+        .try_into()
+        .map_err(|_| corrupt())?;
+    let meta_len = u32::from_le_bytes(len_bytes) as usize;
+    let meta_end = 4usize.checked_add(meta_len).ok_or_else(corrupt)?;
+    let meta = bytes.get(4..meta_end).ok_or_else(corrupt)?.to_vec();
+    let body = bytes.get(meta_end..).ok_or_else(corrupt)?.to_vec();
+    Ok((meta, body))
 }
 
 #[cfg(test)]
@@ -62,10 +100,41 @@ mod conformance {
         assert_eq!(store.bounds().unwrap(), Some((5, 7)));
         assert_eq!(store.read_range(0, 100).unwrap().len(), 3);
         store.put_meta("vote", b"abc").unwrap();
-        assert_eq!(store.get_meta("vote").unwrap().as_deref(), Some(&b"abc"[..]));
+        assert_eq!(
+            store.get_meta("vote").unwrap().as_deref(),
+            Some(&b"abc"[..])
+        );
         assert_eq!(store.get_meta("missing").unwrap(), None);
         store.purge_upto(7).unwrap();
         assert_eq!(store.bounds().unwrap(), None);
+
+        assert_eq!(store.read_snapshot().unwrap(), None);
+        store
+            .write_snapshot(b"m1", &mut |w| w.write_all(b"first body"))
+            .unwrap();
+        store
+            .write_snapshot(b"meta-2", &mut |w| w.write_all(&[7u8; 100_000]))
+            .unwrap();
+        let (meta, body) = store.read_snapshot().unwrap().unwrap();
+        assert_eq!(meta, b"meta-2");
+        assert_eq!(body, vec![7u8; 100_000]);
+        // A failing writer leaves the previous snapshot in place.
+        let err = store.write_snapshot(b"m3", &mut |w| {
+            w.write_all(b"partial")?;
+            Err(io::Error::other("disk full"))
+        });
+        assert!(err.is_err());
+        assert_eq!(store.read_snapshot().unwrap().unwrap().0, b"meta-2");
+    }
+
+    #[test]
+    fn corrupt_snapshot_frames_are_errors() {
+        assert!(unframe_snapshot(vec![1, 0]).is_err());
+        assert!(unframe_snapshot(vec![9, 0, 0, 0, 1]).is_err());
+        assert_eq!(
+            unframe_snapshot(vec![1, 0, 0, 0, 5, 6]).unwrap(),
+            (vec![5], vec![6])
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub struct MemoryStorage {
 struct Inner {
     log: BTreeMap<u64, Vec<u8>>,
     meta: BTreeMap<String, Vec<u8>>,
+    snapshot: Option<Vec<u8>>,
 }
 
 impl MemoryStorage {
@@ -82,5 +83,24 @@ impl Storage for MemoryStorage {
 
     fn size_on_disk(&self) -> Result<u64> {
         Ok(0)
+    }
+
+    fn write_snapshot(
+        &self,
+        meta: &[u8],
+        body: &mut dyn FnMut(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let mut buf = Vec::new();
+        crate::frame_snapshot(&mut buf, meta, body)
+            .map_err(|e| StorageError::Backend(format!("snapshot: {e}")))?;
+        self.lock()?.snapshot = Some(buf);
+        Ok(())
+    }
+
+    fn read_snapshot(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        match self.lock()?.snapshot.clone() {
+            Some(bytes) => crate::unframe_snapshot(bytes).map(Some),
+            None => Ok(None),
+        }
     }
 }

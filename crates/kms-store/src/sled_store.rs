@@ -1,14 +1,26 @@
-use std::path::Path;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 
 use crate::{Result, Storage, StorageError};
 
 /// sled-backed storage: one tree for the log (big-endian index keys, so iteration order is
-/// index order) and one for metadata.
+/// index order) and one for metadata, in `<dir>/db`. Snapshots are plain files beside it
+/// (`<dir>/snapshot`), written to a temporary file, fsynced and renamed, so a large state is
+/// streamed to disk instead of living in sled's page cache.
 #[derive(Debug, Clone)]
 pub struct SledStorage {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    dir: PathBuf,
+}
+
+const SNAPSHOT_FILE: &str = "snapshot";
+const SNAPSHOT_TMP: &str = "snapshot.tmp";
+
+fn io_err(what: &str, e: std::io::Error) -> StorageError {
+    StorageError::Backend(format!("{what}: {e}"))
 }
 
 fn backend(e: sled::Error) -> StorageError {
@@ -25,16 +37,23 @@ fn decode_index(key: &[u8]) -> Result<u64> {
 impl SledStorage {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(|e| io_err("create storage dir", e))?;
         let db = sled::Config::new()
-            .path(dir)
+            .path(dir.join("db"))
             // Durability comes from our explicit flush per batch, not from sled's timer.
             .flush_every_ms(None)
-            .cache_capacity(16 * 1024 * 1024)
+            // Reads happen at recovery only; a small cache keeps the resident size low.
+            .cache_capacity(4 * 1024 * 1024)
             .open()
             .map_err(backend)?;
         let log = db.open_tree("log").map_err(backend)?;
         let meta = db.open_tree("meta").map_err(backend)?;
-        Ok(Self { db, log, meta })
+        Ok(Self {
+            db,
+            log,
+            meta,
+            dir: dir.to_path_buf(),
+        })
     }
 }
 
@@ -86,11 +105,18 @@ impl Storage for SledStorage {
     }
 
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<()> {
-        self.meta.insert(key.as_bytes(), value).map(|_| ()).map_err(backend)
+        self.meta
+            .insert(key.as_bytes(), value)
+            .map(|_| ())
+            .map_err(backend)
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.meta.get(key.as_bytes()).map_err(backend)?.map(|v| v.to_vec()))
+        Ok(self
+            .meta
+            .get(key.as_bytes())
+            .map_err(backend)?
+            .map(|v| v.to_vec()))
     }
 
     fn flush(&self) -> Result<()> {
@@ -98,6 +124,40 @@ impl Storage for SledStorage {
     }
 
     fn size_on_disk(&self) -> Result<u64> {
-        self.db.size_on_disk().map_err(backend)
+        let snapshot = fs::metadata(self.dir.join(SNAPSHOT_FILE))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        Ok(self.db.size_on_disk().map_err(backend)? + snapshot)
+    }
+
+    fn write_snapshot(
+        &self,
+        meta: &[u8],
+        body: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let tmp = self.dir.join(SNAPSHOT_TMP);
+        let file = File::create(&tmp).map_err(|e| io_err("create snapshot", e))?;
+        let mut out = BufWriter::with_capacity(256 * 1024, file);
+        let written = crate::frame_snapshot(&mut out, meta, body)
+            .and_then(|()| out.flush())
+            .and_then(|()| out.get_ref().sync_all());
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("write snapshot", e));
+        }
+        drop(out);
+        fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE)).map_err(|e| io_err("rename snapshot", e))?;
+        // The rename itself must survive a crash.
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err("sync storage dir", e))
+    }
+
+    fn read_snapshot(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        match fs::read(self.dir.join(SNAPSHOT_FILE)) {
+            Ok(bytes) => crate::unframe_snapshot(bytes).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read snapshot", e)),
+        }
     }
 }

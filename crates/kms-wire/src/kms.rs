@@ -403,8 +403,13 @@ pub fn decode_request(msg: &[u8]) -> Result<DecodedRequest, DecodeError> {
 }
 
 /// Writes the base response; version, CMID and request time are echoed from the request.
-fn write_base_response(out: &mut Vec<u8>, request: &DecodedRequest, response: &BaseResponse) {
-    let epid_units = utf16_len_limited(&response.epid, MAX_EPID_UNITS);
+/// `epid_units` is the ePID length from [`utf16_len_limited`] (at most 63).
+fn write_base_response(
+    out: &mut Vec<u8>,
+    request: &DecodedRequest,
+    response: &BaseResponse,
+    epid_units: usize,
+) {
     let pid_size = 2 * (epid_units + 1); // includes the UTF-16 NUL; <= 128
     out.extend_from_slice(&request.session.version.to_bytes());
     out.extend_from_slice(&(pid_size as u32).to_le_bytes());
@@ -438,7 +443,7 @@ pub fn encode_response(
     let mut out = Vec::with_capacity(expected_response_len(version.major, pid_size));
 
     if version.major == 4 {
-        write_base_response(&mut out, request, response);
+        write_base_response(&mut out, request, response, epid_units);
         let mac = crypto::v4_mac(&out);
         out.extend_from_slice(&mac);
         return out;
@@ -459,7 +464,7 @@ pub fn encode_response(
     };
     out.extend_from_slice(&version.to_bytes());
     out.extend_from_slice(&iv);
-    write_base_response(&mut out, request, response);
+    write_base_response(&mut out, request, response, epid_units);
     out.extend_from_slice(&xor16(&random.salt, &session.decrypted_iv_client));
     out.extend_from_slice(&crypto::sha256(&random.salt));
     if v6 {
@@ -741,7 +746,7 @@ pub fn decode_response(session: &Session, msg: &[u8]) -> Result<DecodedResponse,
             return Err(ResponseError::BadHash);
         }
         let s = crypto::decrypt_one(cipher, &iv);
-        let mac_input = body.get(..body_len - 16).unwrap_or_default();
+        let mac_input = body.get(..body_len.saturating_sub(16)).unwrap_or_default();
         let ok = [-1i8, 0, 1].into_iter().any(|tolerance| {
             let key = crypto::v6_hmac_key(base.request_time, tolerance);
             crypto::v6_hmac_verify(&key, &s, mac_input, &hmac)

@@ -3,6 +3,25 @@
 //! The I/O shell reads a 16-byte header, asks [`pdu_length`] how many bytes the PDU has, reads
 //! the rest, and hands the whole PDU to [`ServerConnection::handle_pdu`]. For an activation it
 //! runs the KMS logic and builds the reply with [`ServerConnection::respond`].
+//!
+//! Choices where the references leave room (all verified against the vlmcsd captures):
+//! * BIND_ACK: flags = copy of the BIND's flags byte; max_xmit/max_recv copied; the
+//!   secondary address is `"<local port>\0"`, padded with zeros to a 4-byte boundary counted
+//!   from the PDU start. ALTER_CONTEXT_RESP: flags `0x03`, secondary address length 0.
+//!   Both carry the association group id given to [`ServerConnection::new`].
+//! * Negotiation is vlmcsd's (sheet 2.5), context ids are the client's; an ALTER_CONTEXT
+//!   without NDR64 keeps the NDR64 context id of the BIND.
+//! * RESPONSE: the REQUEST's call id, context id and flags without PFC_CONC_MPX /
+//!   PFC_OBJECT_UUID; `alloc_hint` = exact stub length; cancel count 0.
+//! * FAULT: flags `0x23`, `alloc_hint` 32 and context id 0 like vlmcsd, but the request's
+//!   call id (vlmcsd always sends 2). Status `nca_unk_if` for an unbound context id (or no
+//!   BIND yet), `nca_op_rng_error` for opnum ≠ 0 (vlmcsd ignores opnum; every client sends 0),
+//!   `nca_s_fault_ndr` (0x6F7) for a request stub shorter than its size fields or whose size
+//!   and max count differ (see [`crate::ndr::unwrap_request`]).
+//! * Close: anything wrong at the framing level (version, drep, fragment bits, auth trailer,
+//!   frag_length below 16, above `max_pdu_len` or different from the slice length), a
+//!   BIND / ALTER_CONTEXT / REQUEST whose fixed fields or counted elements run past the end,
+//!   and every other PDU type.
 
 use crate::ndr;
 use crate::rpc::{self, ack, pfc, Body, ContextResult, FrameError, SyntaxId};

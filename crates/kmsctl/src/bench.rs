@@ -32,6 +32,8 @@ pub struct BenchConfig {
     pub cmid_pool: Option<u64>,
     /// Remember the CMIDs that received a verified success.
     pub record_acked: bool,
+    /// Pace the whole run to this many requests per second (None = as fast as possible).
+    pub rate: Option<f64>,
 }
 
 /// Results, also printed as JSON with `--json`.
@@ -72,6 +74,10 @@ struct Shared {
     acked: Vec<Uuid>,
 }
 
+/// Keep-alive connections are renewed after this many requests, staying well under a host's
+/// per-connection PDU limit (kmsd's default is 1000 PDUs).
+const REQUESTS_PER_CONNECTION: u64 = 500;
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -88,9 +94,18 @@ fn error_kind(e: &crate::client::KmsClientError) -> String {
 /// Runs the benchmark.
 pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(config.concurrency >= 1, "--concurrency must be at least 1");
-    anyhow::ensure!(!config.products.is_empty(), "at least one product is needed");
+    anyhow::ensure!(
+        !config.products.is_empty(),
+        "at least one product is needed"
+    );
     let issued = Arc::new(AtomicU64::new(0));
     let shared = Arc::new(Mutex::new(Shared::default()));
+    if let Some(rate) = config.rate {
+        anyhow::ensure!(
+            rate > 0.0 && rate.is_finite(),
+            "--rate must be a positive number"
+        );
+    }
     let started = Instant::now();
     let deadline = started + config.duration;
     let config = Arc::new(config);
@@ -100,7 +115,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         let shared = shared.clone();
         let config = config.clone();
         workers.push(tokio::spawn(async move {
-            worker_loop(worker, &config, &issued, &shared, deadline).await;
+            worker_loop(worker, &config, &issued, &shared, started, deadline).await;
         }));
     }
     for w in workers {
@@ -152,29 +167,43 @@ async fn worker_loop(
     config: &BenchConfig,
     issued: &AtomicU64,
     shared: &Mutex<Shared>,
+    started: Instant,
     deadline: Instant,
 ) {
     let mut conn: Option<KmsClient> = None;
+    let mut on_connection: u64 = 0;
     let mut local = Shared::default();
     loop {
         let n = issued.fetch_add(1, Ordering::Relaxed);
         if n >= config.requests || Instant::now() >= deadline {
             break;
         }
+        if let Some(rate) = config.rate {
+            // Request n is due at n / rate seconds into the run.
+            let due = started + Duration::from_secs_f64(n as f64 / rate);
+            if due >= deadline {
+                break;
+            }
+            tokio::time::sleep_until(due.into()).await;
+        }
         let product_index = (n as usize + worker) % config.products.len();
         let Some(template) = config.products.get(product_index) else {
             break;
         };
         let cmid = match config.cmid_pool {
-            Some(pool) if pool > 0 => Uuid::from_u128(0x4b4d_5300_0000_4000_8000_0000_0000_0000 | u128::from(n % pool)),
+            Some(pool) if pool > 0 => {
+                Uuid::from_u128(0x4b4d_5300_0000_4000_8000_0000_0000_0000 | u128::from(n % pool))
+            }
             _ => Uuid::new_v4(),
         };
         let request = template.build(cmid, now_ms());
         let start = Instant::now();
         let result = async {
-            if conn.is_none() || config.new_connection {
+            if conn.is_none() || config.new_connection || on_connection >= REQUESTS_PER_CONNECTION {
                 conn = Some(KmsClient::connect(&config.server, config.bind, config.timeout).await?);
+                on_connection = 0;
             }
+            on_connection += 1;
             match conn.as_mut() {
                 Some(c) => c.activate(&request, rand::random()).await,
                 None => Err(crate::client::KmsClientError::Closed),
@@ -193,7 +222,10 @@ async fn worker_loop(
             Ok(Answer::Refused(hr)) => {
                 local.refused += 1;
                 local.latencies_us.push(elapsed);
-                *local.errors.entry(format!("refused 0x{hr:08X}")).or_default() += 1;
+                *local
+                    .errors
+                    .entry(format!("refused 0x{hr:08X}"))
+                    .or_default() += 1;
             }
             Err(e) => {
                 local.failed += 1;

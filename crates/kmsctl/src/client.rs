@@ -101,7 +101,9 @@ impl KmsClient {
         let pdu = self.rpc.request(&message)?;
         let reply = self.round_trip(&pdu).await?;
         match self.rpc.handle_response(&reply)? {
-            CallResult::Success(bytes) => Ok(Answer::Activated(kms::decode_response(&session, &bytes)?)),
+            CallResult::Success(bytes) => {
+                Ok(Answer::Activated(kms::decode_response(&session, &bytes)?))
+            }
             CallResult::Error(hresult) => Ok(Answer::Refused(hresult)),
         }
     }

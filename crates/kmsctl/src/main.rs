@@ -18,7 +18,11 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_UNREACHABLE: u8 = 3;
 
 #[derive(Parser)]
-#[command(name = "kmsctl", version, about = "Operate and test a kms-cluster KMS host")]
+#[command(
+    name = "kmsctl",
+    version,
+    about = "Operate and test a kms-cluster KMS host"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -125,6 +129,9 @@ struct BenchArgs {
     /// Reuse CMIDs from a pool of this size (renewal load) instead of new ones.
     #[arg(long)]
     cmid_pool: Option<u64>,
+    /// Pace the run to this many requests per second (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<f64>,
     /// Write the CMIDs that received a verified success to this file, one per line.
     #[arg(long, value_name = "FILE")]
     acked_out: Option<std::path::PathBuf>,
@@ -174,7 +181,10 @@ fn now_ms() -> u64 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kmsctl: cannot start the async runtime: {e}");
@@ -259,7 +269,7 @@ async fn activate(args: ActivateArgs) -> u8 {
                             "result": "success",
                             "protocol": format!("{}.{}", resp.base.version.major, resp.base.version.minor),
                             "epid": resp.base.epid,
-                            "hwid": resp.hwid.map(|h| hex::encode_upper(h)),
+                            "hwid": resp.hwid.map(hex::encode_upper),
                             "cmid": resp.base.client_machine_id,
                             "current_count": resp.base.current_count,
                             "required_count": template.n_policy,
@@ -275,25 +285,43 @@ async fn activate(args: ActivateArgs) -> u8 {
                         args.count,
                         resp.base.epid,
                         resp.base.current_count,
-                        if activated { "activated" } else { "count below N" }
+                        if activated {
+                            "activated"
+                        } else {
+                            "count below N"
+                        }
                     );
                 } else {
                     println!("Response from KMS host (verified)");
-                    println!("  Protocol version      : {}.{}", resp.base.version.major, resp.base.version.minor);
+                    println!(
+                        "  Protocol version      : {}.{}",
+                        resp.base.version.major, resp.base.version.minor
+                    );
                     println!("  KMS host ePID         : {}", resp.base.epid);
                     if let Some(h) = resp.hwid {
                         println!("  KMS host hardware id  : {}", hex::encode_upper(h));
                     }
                     println!("  Client machine id     : {}", resp.base.client_machine_id);
                     println!("  Current count         : {}", resp.base.current_count);
-                    println!("  Renewal interval      : {} min", resp.base.renewal_interval);
-                    println!("  Activation interval   : {} min", resp.base.activation_interval);
+                    println!(
+                        "  Renewal interval      : {} min",
+                        resp.base.renewal_interval
+                    );
+                    println!(
+                        "  Activation interval   : {} min",
+                        resp.base.activation_interval
+                    );
                     println!(
                         "  Client would activate : {}",
                         if activated {
                             "yes".to_owned()
                         } else {
-                            format!("no (count {} < N {}, 0x{:08X})", resp.base.current_count, template.n_policy, hresult::NOT_ENOUGH_COUNT)
+                            format!(
+                                "no (count {} < N {}, 0x{:08X})",
+                                resp.base.current_count,
+                                template.n_policy,
+                                hresult::NOT_ENOUGH_COUNT
+                            )
                         }
                     );
                     println!();
@@ -307,13 +335,20 @@ async fn activate(args: ActivateArgs) -> u8 {
                         json!({"request": i, "result": "refused", "hresult": format!("0x{hr:08X}"), "message": hresult::describe(hr)})
                     );
                 } else {
-                    println!("Error 0x{hr:08X} for request {i} of {}: {}", args.count, hresult::describe(hr));
+                    println!(
+                        "Error 0x{hr:08X} for request {i} of {}: {}",
+                        args.count,
+                        hresult::describe(hr)
+                    );
                 }
             }
             Err(e) => {
                 worst = EXIT_FAILED;
                 if args.json {
-                    println!("{}", json!({"request": i, "result": "error", "message": e.to_string()}));
+                    println!(
+                        "{}",
+                        json!({"request": i, "result": "error", "message": e.to_string()})
+                    );
                 } else {
                     eprintln!("kmsctl: request {i} of {}: {e}", args.count);
                 }
@@ -329,9 +364,18 @@ async fn activate(args: ActivateArgs) -> u8 {
 
 fn print_request(req: &kms_wire::kms::BaseRequest, t: &RequestTemplate, i: u64, n: u64) {
     println!("Request {i} of {n}");
-    println!("  Protocol version      : {}.{}", req.version.major, req.version.minor);
-    println!("  Product               : {} ({})", t.product.sku.name, req.sku_id);
-    println!("  KMS id                : {} ({})", t.product.kms_item.name, req.kms_counted_id);
+    println!(
+        "  Protocol version      : {}.{}",
+        req.version.major, req.version.minor
+    );
+    println!(
+        "  Product               : {} ({})",
+        t.product.sku.name, req.sku_id
+    );
+    println!(
+        "  KMS id                : {} ({})",
+        t.product.kms_item.name, req.kms_counted_id
+    );
     println!("  Application id        : {}", req.application_id);
     println!("  Client machine id     : {}", req.client_machine_id);
     println!("  Workstation           : {}", req.workstation_name);
@@ -371,6 +415,7 @@ async fn run_bench(args: BenchArgs) -> u8 {
         timeout: Duration::from_secs(args.client.timeout_secs.max(1)),
         cmid_pool: args.cmid_pool,
         record_acked: args.acked_out.is_some(),
+        rate: args.rate,
     };
     let report = match bench::run(config).await {
         Ok(r) => r,
@@ -380,7 +425,11 @@ async fn run_bench(args: BenchArgs) -> u8 {
         }
     };
     if let Some(path) = &args.acked_out {
-        let text: String = report.acked_cmids.iter().map(|c| format!("{c}\n")).collect();
+        let text: String = report
+            .acked_cmids
+            .iter()
+            .map(|c| format!("{c}\n"))
+            .collect();
         if let Err(e) = std::fs::write(path, text) {
             eprintln!("kmsctl: cannot write {}: {e}", path.display());
             return EXIT_FAILED;
@@ -397,7 +446,11 @@ async fn run_bench(args: BenchArgs) -> u8 {
             "server {}  concurrency {}  {}",
             report.server,
             report.concurrency,
-            if report.new_connection { "new connection per request" } else { "keep-alive" }
+            if report.new_connection {
+                "new connection per request"
+            } else {
+                "keep-alive"
+            }
         );
         println!(
             "requests {}  succeeded {}  refused {}  failed {}  in {:.2} s",
@@ -406,7 +459,11 @@ async fn run_bench(args: BenchArgs) -> u8 {
         println!("throughput {:.0} requests/s", report.requests_per_sec);
         println!(
             "latency ms  mean {:.3}  p50 {:.3}  p95 {:.3}  p99 {:.3}  max {:.3}",
-            report.latency_ms.mean, report.latency_ms.p50, report.latency_ms.p95, report.latency_ms.p99, report.latency_ms.max
+            report.latency_ms.mean,
+            report.latency_ms.p50,
+            report.latency_ms.p95,
+            report.latency_ms.p99,
+            report.latency_ms.max
         );
         for (kind, n) in &report.errors {
             println!("  {n} x {kind}");

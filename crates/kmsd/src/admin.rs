@@ -59,15 +59,22 @@ async fn refresh_state_gauges(s: &AdminState) {
         metrics::gauge!("kms_current_count", "app" => app.clone()).set(count.current_count as f64);
         metrics::gauge!("kms_cache_capacity", "app" => app.clone()).set(count.capacity as f64);
         let threshold_met = count.max_n_seen > 0 && count.current_count >= count.max_n_seen;
-        metrics::gauge!("kms_count_threshold_met", "app" => app)
-            .set(if threshold_met { 1.0 } else { 0.0 });
+        metrics::gauge!("kms_count_threshold_met", "app" => app).set(if threshold_met {
+            1.0
+        } else {
+            0.0
+        });
     }
     metrics::gauge!("kms_registered_clients").set(state.client_count() as f64);
     let stats = state.statistics();
     metrics::gauge!("kms_state_total_requests").set(stats.total_requests as f64);
     metrics::gauge!("kms_state_failed_requests").set(stats.failed_requests as f64);
-    metrics::gauge!("kms_log_last_index")
-        .set(s.engine.stats().last_index.load(std::sync::atomic::Ordering::Relaxed) as f64);
+    metrics::gauge!("kms_log_last_index").set(
+        s.engine
+            .stats()
+            .last_index
+            .load(std::sync::atomic::Ordering::Relaxed) as f64,
+    );
     metrics::gauge!("kms_node_id").set(s.node_id as f64);
 }
 
@@ -77,7 +84,10 @@ pub async fn serve(
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

@@ -31,7 +31,12 @@ pub struct Cli {
     pub config: Option<PathBuf>,
 
     /// KMS listen address, repeatable [kms.listen] (default 0.0.0.0:1688 and [::]:1688).
-    #[arg(long = "kms-listen", env = "KMSD_KMS_LISTEN", value_name = "ADDR", value_delimiter = ',')]
+    #[arg(
+        long = "kms-listen",
+        env = "KMSD_KMS_LISTEN",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
     pub kms_listen: Vec<SocketAddr>,
 
     /// Directory of the durable state [node.data_dir] (default ./kmsd-data).
@@ -71,7 +76,12 @@ pub struct Cli {
     pub max_pdus_per_connection: Option<u64>,
 
     /// Client networks allowed to connect, repeatable; empty = all [kms.allow_networks].
-    #[arg(long = "allow-network", env = "KMSD_ALLOW_NETWORKS", value_name = "CIDR", value_delimiter = ',')]
+    #[arg(
+        long = "allow-network",
+        env = "KMSD_ALLOW_NETWORKS",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
     pub allow_networks: Vec<IpNet>,
 
     /// Offer NDR64 in bind negotiation like a modern Windows host [kms.ndr64] (default true).
@@ -103,7 +113,12 @@ pub struct Cli {
     pub product_policy: Option<ProductPolicyArg>,
 
     /// Licensed CSVLK ids, repeatable [policy.licensed_csvlks] (see `kmsctl products`).
-    #[arg(long = "licensed-csvlk", env = "KMSD_LICENSED_CSVLKS", value_name = "GUID", value_delimiter = ',')]
+    #[arg(
+        long = "licensed-csvlk",
+        env = "KMSD_LICENSED_CSVLKS",
+        value_name = "GUID",
+        value_delimiter = ','
+    )]
     pub licensed_csvlks: Vec<Uuid>,
 
     /// Refuse clients whose clock is off by more than this many minutes (0xC004F06C); 0 = off
@@ -306,7 +321,10 @@ impl Config {
             .or(file.kms.idle_timeout_secs)
             .unwrap_or(30);
         if !(1..=600).contains(&idle) {
-            return Err(invalid("kms.idle_timeout_secs", format!("{idle} is outside 1..=600")));
+            return Err(invalid(
+                "kms.idle_timeout_secs",
+                format!("{idle} is outside 1..=600"),
+            ));
         }
         let max_pdu_size = cli.max_pdu_size.or(file.kms.max_pdu_size).unwrap_or(4096);
         if !(1024..=65535).contains(&max_pdu_size) {
@@ -327,7 +345,10 @@ impl Config {
             .or(file.kms.max_pdus_per_connection)
             .unwrap_or(1000);
         if max_pdus < 2 {
-            return Err(invalid("kms.max_pdus_per_connection", "must be >= 2 (bind + request)"));
+            return Err(invalid(
+                "kms.max_pdus_per_connection",
+                "must be >= 2 (bind + request)",
+            ));
         }
         let snapshot_every = cli
             .snapshot_every
@@ -534,11 +555,11 @@ mod tests {
 
     #[test]
     fn out_of_range_values_name_the_key() {
-        let err = Config::merge(parse(&["--renewal-interval", "5"]), FileConfig::default())
-            .unwrap_err();
+        let err =
+            Config::merge(parse(&["--renewal-interval", "5"]), FileConfig::default()).unwrap_err();
         assert!(err.to_string().contains("policy.renewal_interval"), "{err}");
-        let err = Config::merge(parse(&["--max-pdu-size", "10"]), FileConfig::default())
-            .unwrap_err();
+        let err =
+            Config::merge(parse(&["--max-pdu-size", "10"]), FileConfig::default()).unwrap_err();
         assert!(err.to_string().contains("kms.max_pdu_size"), "{err}");
     }
 }

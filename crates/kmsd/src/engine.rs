@@ -11,8 +11,6 @@ use kms_store::Storage;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, RwLock};
 
-const SNAPSHOT_KEY: &str = "snapshot";
-
 /// Why the engine could not commit.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -26,17 +24,19 @@ pub enum EngineError {
     UnexpectedResult,
 }
 
-/// A snapshot as stored: the state after applying every entry up to `last_index`.
+/// Snapshot metadata: the snapshot holds the state after every entry up to `last_index`.
 #[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
+struct SnapshotMeta {
     last_index: u64,
-    state: Vec<u8>,
 }
 
 /// What can be proposed. Activations from concurrent connections are merged into one
 /// `Command::Activate` per flush.
 enum Proposal {
-    Activate(ActivationRequest, oneshot::Sender<Result<ActivationOutcome, String>>),
+    Activate(
+        ActivationRequest,
+        oneshot::Sender<Result<ActivationOutcome, String>>,
+    ),
     Command(Command, oneshot::Sender<Result<CommandResult, String>>),
 }
 
@@ -79,10 +79,9 @@ impl Engine {
         config: EngineConfig,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), EngineError> {
         let store = storage.clone();
-        let (state, last_index) =
-            tokio::task::spawn_blocking(move || recover(store.as_ref()))
-                .await
-                .map_err(|_| EngineError::Stopped)??;
+        let (state, last_index) = tokio::task::spawn_blocking(move || recover(store.as_ref()))
+            .await
+            .map_err(|_| EngineError::Stopped)??;
         let state = Arc::new(RwLock::new(state));
         let stats = Arc::new(EngineStats::default());
         stats
@@ -110,7 +109,10 @@ impl Engine {
     }
 
     /// Commits one activation durably and returns its outcome.
-    pub async fn activate(&self, request: ActivationRequest) -> Result<ActivationOutcome, EngineError> {
+    pub async fn activate(
+        &self,
+        request: ActivationRequest,
+    ) -> Result<ActivationOutcome, EngineError> {
         let (tx, rx) = oneshot::channel();
         self.proposals
             .send(Proposal::Activate(request, tx))
@@ -118,7 +120,10 @@ impl Engine {
             .map_err(|_| EngineError::Stopped)?;
         rx.await
             .map_err(|_| EngineError::Stopped)?
-            .map_err(|m| EngineError::Corrupt { index: 0, message: m })
+            .map_err(|m| EngineError::Corrupt {
+                index: 0,
+                message: m,
+            })
     }
 
     /// Commits any other command durably.
@@ -130,7 +135,10 @@ impl Engine {
             .map_err(|_| EngineError::Stopped)?;
         rx.await
             .map_err(|_| EngineError::Stopped)?
-            .map_err(|m| EngineError::Corrupt { index: 0, message: m })
+            .map_err(|m| EngineError::Corrupt {
+                index: 0,
+                message: m,
+            })
     }
 
     /// Creates the host identity if the state has none yet (first start of a data dir).
@@ -163,17 +171,18 @@ impl Engine {
 }
 
 fn recover(storage: &dyn Storage) -> Result<(State, u64), EngineError> {
-    let (mut state, mut last_index) = match storage.get_meta(SNAPSHOT_KEY)? {
-        Some(bytes) => {
-            let snap: StoredSnapshot = postcard::from_bytes(&bytes).map_err(|e| EngineError::Corrupt {
-                index: 0,
-                message: format!("snapshot envelope: {e}"),
-            })?;
-            let state = State::from_snapshot(&snap.state).map_err(|e| EngineError::Corrupt {
-                index: snap.last_index,
+    let (mut state, mut last_index) = match storage.read_snapshot()? {
+        Some((meta, body)) => {
+            let meta: SnapshotMeta =
+                postcard::from_bytes(&meta).map_err(|e| EngineError::Corrupt {
+                    index: 0,
+                    message: format!("snapshot meta: {e}"),
+                })?;
+            let state = State::from_snapshot(&body).map_err(|e| EngineError::Corrupt {
+                index: meta.last_index,
                 message: format!("snapshot: {e}"),
             })?;
-            (state, snap.last_index)
+            (state, meta.last_index)
         }
         None => (State::default(), 0),
     };
@@ -251,7 +260,11 @@ impl Committer {
         let encoded: Result<Vec<(u64, Vec<u8>)>, String> = entries
             .iter()
             .zip(first_index..)
-            .map(|(c, i)| postcard::to_allocvec(c).map(|b| (i, b)).map_err(|e| e.to_string()))
+            .map(|(c, i)| {
+                postcard::to_allocvec(c)
+                    .map(|b| (i, b))
+                    .map_err(|e| e.to_string())
+            })
             .collect();
         let durable = match encoded {
             Ok(encoded) => {
@@ -316,38 +329,45 @@ impl Committer {
 
     async fn snapshot(&mut self) {
         let started = Instant::now();
-        let bytes = self.state.read().await.to_snapshot();
         let last_index = self.last_index;
-        let envelope = match postcard::to_allocvec(&StoredSnapshot {
-            last_index,
-            state: bytes,
-        }) {
-            Ok(b) => b,
+        let meta = match postcard::to_allocvec(&SnapshotMeta { last_index }) {
+            Ok(m) => m,
             Err(e) => {
-                tracing::error!(error = %e, "snapshot encoding failed");
+                tracing::error!(error = %e, "snapshot meta encoding failed");
                 return;
             }
         };
-        let size = envelope.len();
+        // The state is streamed to disk under a read lock: no second in-memory copy.
+        let state = self.state.clone().read_owned().await;
         let storage = self.storage.clone();
         let result = tokio::task::spawn_blocking(move || {
-            storage.put_meta(SNAPSHOT_KEY, &envelope)?;
-            storage.flush()?;
+            storage.write_snapshot(&meta, &mut |out| {
+                state
+                    .write_snapshot(out)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            })?;
+            drop(state);
             // Only after the snapshot is durable may the entries it covers go.
             storage.purge_upto(last_index)?;
-            storage.flush()
+            storage.flush()?;
+            storage.size_on_disk()
         })
         .await;
         match result {
-            Ok(Ok(())) => {
+            Ok(Ok(disk)) => {
                 self.last_snapshot_index = last_index;
                 self.stats
                     .snapshots
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let elapsed = started.elapsed();
                 metrics::histogram!("kms_snapshot_duration_seconds").record(elapsed.as_secs_f64());
-                metrics::gauge!("kms_snapshot_size_bytes").set(size as f64);
-                tracing::info!(last_index, size, elapsed_ms = elapsed.as_millis() as u64, "snapshot written, log compacted");
+                metrics::gauge!("kms_storage_size_bytes").set(disk as f64);
+                tracing::info!(
+                    last_index,
+                    disk_bytes = disk,
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "snapshot written, log compacted"
+                );
             }
             Ok(Err(e)) => tracing::error!(error = %e, "snapshot failed"),
             Err(e) => tracing::error!(error = %e, "snapshot task failed"),
@@ -359,7 +379,12 @@ impl Committer {
 pub async fn wait_applied(engine: &Engine, index: u64, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if engine.stats.last_index.load(std::sync::atomic::Ordering::Relaxed) >= index {
+        if engine
+            .stats
+            .last_index
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= index
+        {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -46,7 +46,11 @@ impl KmsService {
     }
 
     /// Accepts connections on `listener` until `shutdown` flips to true.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let local = listener.local_addr().ok();
         loop {
             let accepted = tokio::select! {
@@ -63,12 +67,14 @@ impl KmsService {
                 }
             };
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-                metrics::counter!("kms_connections_rejected_total", "reason" => "max_connections").increment(1);
+                metrics::counter!("kms_connections_rejected_total", "reason" => "max_connections")
+                    .increment(1);
                 tracing::warn!(%peer, "connection limit reached; closing");
                 continue;
             };
             if !self.client_allowed(peer.ip()).await {
-                metrics::counter!("kms_connections_rejected_total", "reason" => "not_allowed").increment(1);
+                metrics::counter!("kms_connections_rejected_total", "reason" => "not_allowed")
+                    .increment(1);
                 tracing::info!(%peer, "client network not allowed; closing");
                 continue;
             }
@@ -164,7 +170,11 @@ impl KmsService {
     }
 
     /// Runs one activation. `None` means the request could not be committed.
-    async fn activate(&self, call: &ActivationCall, peer: SocketAddr) -> Option<Result<Vec<u8>, u32>> {
+    async fn activate(
+        &self,
+        call: &ActivationCall,
+        peer: SocketAddr,
+    ) -> Option<Result<Vec<u8>, u32>> {
         let started = Instant::now();
         let decoded = match kms::decode_request(&call.kms_message) {
             Ok(d) => d,
@@ -222,7 +232,9 @@ impl KmsService {
                     salt: rand::random(),
                     iv: rand::random(),
                 };
-                Ok(kms::encode_response(&decoded, &response, grant.hwid, &random))
+                Ok(kms::encode_response(
+                    &decoded, &response, grant.hwid, &random,
+                ))
             }
             ActivationOutcome::Refused(refusal) => Err(refusal.hresult),
         };
@@ -271,7 +283,10 @@ async fn read_pdu(
 /// Binds the KMS listeners. IPv6 sockets are v6-only so `0.0.0.0` and `[::]` can share a port.
 /// With the built-in default list, an address the host cannot bind (e.g. no IPv6) is skipped
 /// with a warning as long as one listener remains.
-pub fn bind_listeners(addrs: &[SocketAddr], tolerate_unavailable: bool) -> anyhow::Result<Vec<TcpListener>> {
+pub fn bind_listeners(
+    addrs: &[SocketAddr],
+    tolerate_unavailable: bool,
+) -> anyhow::Result<Vec<TcpListener>> {
     let mut listeners = Vec::new();
     for addr in addrs {
         match bind_one(*addr) {

@@ -10,7 +10,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     kmsd::node::init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kmsd: cannot start the async runtime: {e}");

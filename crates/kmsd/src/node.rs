@@ -21,7 +21,8 @@ pub fn init_logging(config: &Config) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match config.log_format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -80,7 +81,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(policy) = &config.policy {
         if engine.state().read().await.policy() != policy {
             match engine.propose(Command::SetPolicy(policy.clone())).await? {
-                kms_core::CommandResult::Policy(Ok(())) => tracing::info!("policy from configuration applied"),
+                kms_core::CommandResult::Policy(Ok(())) => {
+                    tracing::info!("policy from configuration applied")
+                }
                 other => anyhow::bail!("policy from configuration rejected: {other:?}"),
             }
         }
@@ -105,7 +108,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for listener in listeners {
         tracing::info!(addr = %listener.local_addr()?, "KMS listening");
-        tasks.push(tokio::spawn(kms.clone().serve(listener, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(
+            kms.clone().serve(listener, shutdown_rx.clone()),
+        ));
     }
 
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
@@ -132,7 +137,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 _ = expire_shutdown.changed() => return,
             }
             if let Err(e) = expire_engine
-                .propose(Command::Expire { now: wall_clock_ms() })
+                .propose(Command::Expire {
+                    now: wall_clock_ms(),
+                })
                 .await
             {
                 tracing::warn!(error = %e, "expiry pass failed");
@@ -161,7 +168,10 @@ async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}

@@ -45,7 +45,12 @@ fn product_name(req: &BaseRequest) -> String {
 }
 
 /// Records one decoded activation request: metrics plus one structured log line.
-pub fn activation(req: &BaseRequest, outcome: &ActivationOutcome, peer: SocketAddr, elapsed: Duration) {
+pub fn activation(
+    req: &BaseRequest,
+    outcome: &ActivationOutcome,
+    peer: SocketAddr,
+    elapsed: Duration,
+) {
     let app = application_name(&req.application_id);
     let protocol = match req.version.major {
         4 => "4",
