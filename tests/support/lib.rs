@@ -39,6 +39,7 @@ pub fn free_port() -> u16 {
 pub struct Node {
     pub kms_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
     pub data_dir: PathBuf,
     extra_args: Vec<String>,
     child: Option<Child>,
@@ -48,22 +49,52 @@ pub struct Node {
 impl Node {
     /// Starts a node with a fresh data dir inside `dir` and waits until it is ready.
     pub fn start(dir: &Path, extra_args: &[&str]) -> Node {
-        let kms_port = free_port();
-        let admin_port = free_port();
-        let mut node = Node {
-            kms_addr: SocketAddr::from(([127, 0, 0, 1], kms_port)),
-            admin_addr: SocketAddr::from(([127, 0, 0, 1], admin_port)),
-            data_dir: dir.join("data"),
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            child: None,
-            log_path: dir.join("kmsd.log"),
-        };
+        let mut node = Node::new(dir, extra_args);
         node.spawn();
         node
     }
 
-    /// (Re)starts the process on the same ports and data dir.
+    /// A node that is configured but not started (see [`Node::spawn`]).
+    pub fn new(dir: &Path, extra_args: &[&str]) -> Node {
+        Node {
+            kms_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            raft_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            data_dir: dir.join("data"),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log_path: dir.join("kmsd.log"),
+        }
+    }
+
+    /// Starts node `node_id` of a cluster: the first one bootstraps (`join` empty), the
+    /// others join through the admin API of `join`. Returns once the node is ready.
+    pub fn start_member(
+        dir: &Path,
+        node_id: u64,
+        join: Option<&Node>,
+        extra_args: &[&str],
+    ) -> Node {
+        let mut args: Vec<String> = vec!["--node-id".into(), node_id.to_string()];
+        if let Some(j) = join {
+            args.push("--join".into());
+            args.push(format!("http://{}", j.admin_addr));
+        }
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut node = Node::new(dir, &refs);
+        node.spawn();
+        node
+    }
+
+    /// (Re)starts the process on the same ports and data dir and waits until it is ready.
     pub fn spawn(&mut self) {
+        self.spawn_no_wait();
+        self.wait_ready(Duration::from_secs(60));
+    }
+
+    /// Starts the process and returns without waiting for readiness.
+    pub fn spawn_no_wait(&mut self) {
         assert!(self.child.is_none(), "node already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -76,7 +107,7 @@ impl Node {
             .arg("--admin-listen")
             .arg(self.admin_addr.to_string())
             .arg("--raft-listen")
-            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg(self.raft_addr.to_string())
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.extra_args)
@@ -87,10 +118,22 @@ impl Node {
             .spawn()
             .expect("spawn kmsd");
         self.child = Some(child);
-        self.wait_ready(Duration::from_secs(20));
     }
 
-    fn wait_ready(&mut self, timeout: Duration) {
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// GET an admin path and parse the JSON body.
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = http_get(self.admin_addr, path).expect("admin reachable");
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).expect("JSON body")
+    }
+
+    /// Waits until `/readyz` answers 200 and the KMS port accepts connections.
+    pub fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
@@ -158,9 +201,24 @@ impl Drop for Node {
 
 /// Minimal HTTP/1.0 GET (no client dependency needed for health checks and metrics).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, None)
+}
+
+/// Minimal HTTP/1.0 request with an optional JSON body.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json_body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let body = json_body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
     let status = text

@@ -123,30 +123,32 @@ impl State {
         outcome
     }
 
-    fn decide(
-        &mut self,
+    /// Everything that may refuse a request, without touching any state: returns the ePID
+    /// and HWID to answer with, or the refusal.
+    fn check(
+        &self,
         now: UnixMillis,
         request: &ActivationRequest,
         list: &ListKey,
-    ) -> ActivationOutcome {
+    ) -> Result<(String, [u8; 8]), ActivationOutcome> {
         let Some(identity) = &self.identity else {
-            return refuse(HR_INVALID_DATA, "host identity not initialised");
+            return Err(refuse(HR_INVALID_DATA, "host identity not initialised"));
         };
         if !matches!(request.protocol_major, 4..=6) || request.protocol_minor != 0 {
-            return refuse(
+            return Err(refuse(
                 HR_INVALID_DATA,
                 format!(
                     "unsupported protocol version {}.{}",
                     request.protocol_major, request.protocol_minor
                 ),
-            );
+            ));
         }
         let n = request.required_client_count;
         if n > MAX_REQUIRED_CLIENT_COUNT {
-            return refuse(
+            return Err(refuse(
                 HR_INVALID_DATA,
                 format!("required client count {n} exceeds {MAX_REQUIRED_CLIENT_COUNT}"),
-            );
+            ));
         }
         if self.policy.product_policy == ProductPolicy::Strict {
             let catalog = kms_catalog::catalog();
@@ -156,41 +158,53 @@ impl State {
                     .is_some_and(|c| c.activates.contains(&request.kms_counted_id))
             });
             if !licensed {
-                return refuse(
+                return Err(refuse(
                     HR_KMS_ID_NOT_ALLOWED,
                     format!(
                         "KMS id {} is not activated by a licensed CSVLK",
                         request.kms_counted_id
                     ),
-                );
+                ));
             }
         }
         if let Some(minutes) = self.policy.max_clock_skew_minutes {
             let client = i128::from(filetime_to_unix_ms(request.request_time));
             let skew = (client - i128::from(now)).abs();
             if skew > i128::from(minutes) * 60_000 {
-                return refuse(
+                return Err(refuse(
                     HR_CLOCK_SKEW,
                     format!("client clock is {} minutes off", skew / 60_000),
-                );
+                ));
             }
         }
         if let Err(e) = self.counting.check(list) {
-            return refuse(HR_INVALID_DATA, e.to_string());
+            return Err(refuse(HR_INVALID_DATA, e.to_string()));
         }
-        // Looked up before counting: a refused request must leave the caches untouched.
         let Some((_, epid)) = identity.epid_for(
             &request.application_id,
             &request.kms_counted_id,
             &self.policy.licensed_csvlks,
         ) else {
-            return refuse(
+            return Err(refuse(
                 HR_INVALID_DATA,
                 format!("no ePID for KMS id {}", request.kms_counted_id),
-            );
+            ));
         };
-        let epid = epid.to_owned();
-        let hwid = identity.hwid;
+        Ok((epid.to_owned(), identity.hwid))
+    }
+
+    fn decide(
+        &mut self,
+        now: UnixMillis,
+        request: &ActivationRequest,
+        list: &ListKey,
+    ) -> ActivationOutcome {
+        // Checked before counting: a refused request must leave the caches untouched.
+        let (epid, hwid) = match self.check(now, request, list) {
+            Ok(answer) => answer,
+            Err(refusal) => return refusal,
+        };
+        let n = request.required_client_count;
         let count = match self.counting.record(
             list,
             request.client_machine_id,
@@ -204,6 +218,53 @@ impl State {
         let activated = count >= n;
         self.registry
             .record(list.id, request, now, count, activated);
+        ActivationOutcome::Granted(Grant {
+            epid,
+            hwid,
+            current_count: count,
+            activation_interval: self.policy.activation_interval,
+            renewal_interval: self.policy.renewal_interval,
+            activated,
+        })
+    }
+
+    /// The answer this request would get if applied at `now` after the not yet committed
+    /// requests whose CMIDs are in `pending` (same application list), without changing
+    /// anything. A node cut off from its quorum answers with this and queues the request,
+    /// so the count it reports is what the committed state will show once the queue is in.
+    pub fn provisional(
+        &self,
+        now: UnixMillis,
+        request: &ActivationRequest,
+        pending: &[Uuid],
+    ) -> ActivationOutcome {
+        let list = application_list(&request.application_id, &request.kms_counted_id);
+        let (epid, hwid) = match self.check(now, request, &list) {
+            Ok(answer) => answer,
+            Err(refusal) => return refusal,
+        };
+        let n = request.required_client_count;
+        let cache = self.counting.list(&list.id);
+        let is_live = |cmid: &Uuid| {
+            cache
+                .and_then(|c| c.last_seen(cmid))
+                .is_some_and(|seen| seen.saturating_add(crate::CMID_LIFETIME_MS) > now)
+        };
+        let live = cache.map(|c| c.live_count(now)).unwrap_or(0);
+        let capacity = cache
+            .map(|c| c.capacity())
+            .unwrap_or(0)
+            .max(n.saturating_mul(2))
+            .max(1);
+        let mut newcomers: Vec<&Uuid> = pending
+            .iter()
+            .chain(std::iter::once(&request.client_machine_id))
+            .filter(|c| !is_live(c))
+            .collect();
+        newcomers.sort_unstable();
+        newcomers.dedup();
+        let count = (live.saturating_add(newcomers.len() as u32)).min(capacity);
+        let activated = count >= n;
         ActivationOutcome::Granted(Grant {
             epid,
             hwid,

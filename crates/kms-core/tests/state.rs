@@ -831,3 +831,50 @@ fn default_state_snapshot_roundtrip() {
     let back = State::from_snapshot(&s.to_snapshot()).unwrap();
     assert_eq!(back, s);
 }
+
+/// A node cut off from its quorum answers with `provisional`; once its queue is committed the
+/// real counts must equal (never fall below) what it told the clients.
+#[test]
+fn provisional_answers_match_what_committing_the_queue_gives() {
+    let now = 1_800_000_000_000;
+    let mut committed = ready_state();
+    for c in 0..7 {
+        count(&mut committed, now, win10(c, now));
+    }
+    let snapshot = committed.clone();
+    // Queue: three new clients, one repeat of a committed client, one repeat within the queue.
+    let queue: Vec<ActivationRequest> = [100, 101, 3, 100, 102]
+        .iter()
+        .map(|c| win10(*c, now + 1000))
+        .collect();
+    let mut pending: Vec<Uuid> = Vec::new();
+    let mut told = Vec::new();
+    for req in &queue {
+        let g = grant(snapshot.provisional(now + 1000, req, &pending));
+        told.push(g.current_count);
+        pending.push(req.client_machine_id);
+    }
+    assert_eq!(told, vec![8, 9, 9, 9, 10]);
+    // The provisional path changed nothing.
+    assert_eq!(snapshot, committed);
+    let real: Vec<u32> = activate(&mut committed, now + 2000, queue)
+        .into_iter()
+        .map(|o| grant(o).current_count)
+        .collect();
+    assert_eq!(real, told, "committed counts equal the provisional ones");
+    // Refusals are decided the same way.
+    let mut bad = win10(500, now);
+    bad.protocol_minor = 1;
+    assert_eq!(
+        refusal(snapshot.provisional(now, &bad, &[])).hresult,
+        HR_INVALID_DATA
+    );
+    // The cap is 2 x N even for a list the committed state has not seen grow yet.
+    let mut fresh = ready_state();
+    let pending: Vec<Uuid> = (0..60).map(cmid).collect();
+    assert_eq!(
+        grant(fresh.provisional(now, &win10(1000, now), &pending)).current_count,
+        50
+    );
+    assert_eq!(count(&mut fresh, now, server(1, now)), 1);
+}

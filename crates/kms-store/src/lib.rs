@@ -39,6 +39,10 @@ pub trait Storage: Send + Sync + 'static {
     /// Stores a named metadata value. Not durable until [`Storage::flush`].
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<()>;
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Removes a metadata value (no error if absent). Not durable until [`Storage::flush`].
+    fn delete_meta(&self, key: &str) -> Result<()>;
+    /// Metadata entries whose key starts with `prefix`, in key order, at most `limit`.
+    fn scan_meta(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>>;
     /// Makes every earlier write durable (one fsync for the whole batch).
     fn flush(&self) -> Result<()>;
     /// Bytes used on disk (approximate; 0 for memory).
@@ -105,6 +109,21 @@ mod conformance {
             Some(&b"abc"[..])
         );
         assert_eq!(store.get_meta("missing").unwrap(), None);
+        store.put_meta("q/002", b"b").unwrap();
+        store.put_meta("q/001", b"a").unwrap();
+        store.put_meta("r/001", b"x").unwrap();
+        let scanned = store.scan_meta("q/", 10).unwrap();
+        assert_eq!(
+            scanned,
+            vec![
+                ("q/001".to_owned(), b"a".to_vec()),
+                ("q/002".to_owned(), b"b".to_vec())
+            ]
+        );
+        assert_eq!(store.scan_meta("q/", 1).unwrap().len(), 1);
+        store.delete_meta("q/001").unwrap();
+        store.delete_meta("q/404").unwrap();
+        assert_eq!(store.scan_meta("q/", 10).unwrap().len(), 1);
         store.purge_upto(7).unwrap();
         assert_eq!(store.bounds().unwrap(), None);
 

@@ -77,6 +77,22 @@ impl Storage for MemoryStorage {
         Ok(self.lock()?.meta.get(key).cloned())
     }
 
+    fn delete_meta(&self, key: &str) -> Result<()> {
+        self.lock()?.meta.remove(key);
+        Ok(())
+    }
+
+    fn scan_meta(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(self
+            .lock()?
+            .meta
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
     fn flush(&self) -> Result<()> {
         Ok(())
     }

@@ -119,6 +119,26 @@ impl Storage for SledStorage {
             .map(|v| v.to_vec()))
     }
 
+    fn delete_meta(&self, key: &str) -> Result<()> {
+        self.meta
+            .remove(key.as_bytes())
+            .map(|_| ())
+            .map_err(backend)
+    }
+
+    fn scan_meta(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>> {
+        self.meta
+            .scan_prefix(prefix.as_bytes())
+            .take(limit)
+            .map(|item| {
+                let (k, v) = item.map_err(backend)?;
+                let key = String::from_utf8(k.to_vec())
+                    .map_err(|_| StorageError::Corrupt("non-UTF-8 metadata key".into()))?;
+                Ok((key, v.to_vec()))
+            })
+            .collect()
+    }
+
     fn flush(&self) -> Result<()> {
         self.db.flush().map(|_| ()).map_err(backend)
     }

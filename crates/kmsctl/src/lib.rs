@@ -1,7 +1,9 @@
 //! `kmsctl`: the operator CLI. The library part holds what tests reuse: an async KMS client
-//! ([`client`]) over the sans-IO codec, product selection ([`products`]) and the load
-//! generator ([`bench`]).
+//! ([`client`]) over the sans-IO codec, product selection ([`products`]), the load
+//! generator ([`bench`]) and the admin API client ([`admin_client`]).
 
+pub mod admin_client;
 pub mod bench;
 pub mod client;
+pub mod discover;
 pub mod products;

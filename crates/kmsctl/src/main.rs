@@ -1,5 +1,10 @@
-//! `kmsctl`: activate as a KMS client, generate load. Exit codes: 0 success, 1 a request was
-//! refused or failed verification, 2 usage error, 3 the host could not be reached.
+//! `kmsctl`: operate a node through its admin API (status, cluster, clients, events, config,
+//! products), activate as a KMS client, generate load. Exit codes: 0 success, 1 a request was
+//! refused or failed verification, 2 usage error, 3 the host or admin API could not be
+//! reached, 4 the admin API refused the token (401/403), 5 the admin API answered another
+//! error (400 invalid input, 404, 409, 503, 5xx).
+
+mod admin_cmd;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -21,7 +26,13 @@ const EXIT_UNREACHABLE: u8 = 3;
 #[command(
     name = "kmsctl",
     version,
-    about = "Operate and test a kms-cluster KMS host"
+    about = "Operate and test a kms-cluster KMS host",
+    after_help = "Admin commands talk to a node's admin API: --url or KMSCTL_ADMIN_URL \
+(default http://127.0.0.1:8688), token from --token or KMSCTL_TOKEN.\n\n\
+Exit codes:\n  0  success\n  1  an activation was refused or failed verification (activate, bench)\n  \
+2  usage error (bad arguments)\n  3  the KMS host or the admin API could not be reached\n  \
+4  the admin API refused the token (HTTP 401/403)\n  \
+5  the admin API answered another error (400 invalid input, 404 not found, 409 conflict, 503 no leader, 5xx)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -30,6 +41,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Host status like `slmgr /dlv`: counts, requests, intervals, ePIDs, node and leader.
+    Status(admin_cmd::StatusArgs),
+    /// Cluster members: `list` or `remove ID`.
+    #[command(subcommand)]
+    Cluster(admin_cmd::ClusterCmd),
+    /// Registered clients: table, --json or --csv; filters and paging.
+    Clients(admin_cmd::ClientsArgs),
+    /// The node's event log (activations 12290, DNS publishing 12293/12294, operations).
+    Events(admin_cmd::EventsArgs),
+    /// Replicated configuration: `get` or `set KEY=VALUE ...`.
+    #[command(subcommand)]
+    Config(admin_cmd::ConfigCmd),
+    /// Product catalog and which products the current policy activates.
+    Products(admin_cmd::ProductsArgs),
     /// Act as a KMS client: send activation requests and verify every answer like vlmcs.
     Activate(ActivateArgs),
     /// Generate a bounded activation load and report throughput and latency.
@@ -193,6 +218,12 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async {
         match cli.command {
+            Cmd::Status(args) => admin_cmd::status(args).await,
+            Cmd::Cluster(cmd) => admin_cmd::cluster(cmd).await,
+            Cmd::Clients(args) => admin_cmd::clients(args).await,
+            Cmd::Events(args) => admin_cmd::events(args).await,
+            Cmd::Config(cmd) => admin_cmd::config(cmd).await,
+            Cmd::Products(args) => admin_cmd::products(args).await,
             Cmd::Activate(args) => activate(args).await,
             Cmd::Bench(args) => run_bench(args).await,
         }

@@ -26,6 +26,9 @@ durably in its data directory.\n\nWith no arguments it starts a working single n
 Precedence: flag > environment variable > config file > built-in default."
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Subcommand>,
+
     /// TOML configuration file.
     #[arg(long, env = "KMSD_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -54,6 +57,59 @@ pub struct Cli {
     /// Raft listen address [raft.listen] (default 127.0.0.1:7688; used by the cluster mode).
     #[arg(long, env = "KMSD_RAFT_LISTEN", value_name = "ADDR")]
     pub raft_listen: Option<SocketAddr>,
+
+    /// Address peers use to reach this node's Raft listener [raft.advertise] (default: --raft-listen).
+    #[arg(long, env = "KMSD_RAFT_ADVERTISE", value_name = "HOST:PORT")]
+    pub raft_advertise: Option<String>,
+
+    /// Address operators and joining nodes use for this node's admin API [admin.advertise]
+    /// (default: --admin-listen).
+    #[arg(long, env = "KMSD_ADMIN_ADVERTISE", value_name = "HOST:PORT")]
+    pub admin_advertise: Option<String>,
+
+    /// Bearer token of the admin API; also sent when joining a cluster [admin.token].
+    #[arg(
+        long,
+        env = "KMSD_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+
+    /// Separate listener for /healthz, /readyz and /metrics only, e.g. for a Prometheus on
+    /// another network than operators [admin.metrics_listen] (default: none; they are always
+    /// on --admin-listen too).
+    #[arg(long, env = "KMSD_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// PEM certificate of this node for mutual TLS between nodes [raft.tls.cert].
+    #[arg(long, env = "KMSD_RAFT_TLS_CERT", value_name = "FILE", requires_all = ["raft_tls_key", "raft_tls_ca"])]
+    pub raft_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of this node [raft.tls.key].
+    #[arg(long, env = "KMSD_RAFT_TLS_KEY", value_name = "FILE")]
+    pub raft_tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate that signed every node's certificate [raft.tls.ca].
+    #[arg(long, env = "KMSD_RAFT_TLS_CA", value_name = "FILE")]
+    pub raft_tls_ca: Option<PathBuf>,
+
+    /// Name every node certificate carries (SAN) [raft.tls.server_name] (default kmsd).
+    #[arg(long, env = "KMSD_RAFT_TLS_SERVER_NAME", value_name = "NAME")]
+    pub raft_tls_server_name: Option<String>,
+
+    /// Milliseconds a client waits for a commit before the node answers from its last
+    /// committed state (no quorum) [raft.answer_deadline_ms] (default 2500).
+    #[arg(long, env = "KMSD_ANSWER_DEADLINE_MS", value_name = "MS")]
+    pub answer_deadline_ms: Option<u64>,
+
+    /// Host name clients use for this node; the SRV target published in DNS [node.advertise_host].
+    #[arg(long, env = "KMSD_ADVERTISE_HOST", value_name = "HOST")]
+    pub advertise_host: Option<String>,
+
+    /// KMS port clients use for this node [node.advertise_port] (default: the first --kms-listen port).
+    #[arg(long, env = "KMSD_ADVERTISE_PORT", value_name = "PORT")]
+    pub advertise_port: Option<u16>,
 
     /// Admin URL of a cluster member to join, repeatable [raft.join] (cluster mode).
     #[arg(long, env = "KMSD_JOIN", value_name = "URL", value_delimiter = ',')]
@@ -95,6 +151,10 @@ pub struct Cli {
     /// Write a state snapshot and compact the log every N entries [storage.snapshot_every] (default 10000).
     #[arg(long, env = "KMSD_SNAPSHOT_EVERY", value_name = "N")]
     pub snapshot_every: Option<u64>,
+
+    /// Log entries kept behind a snapshot for lagging followers [storage.snapshot_keep_logs] (default 1000).
+    #[arg(long, env = "KMSD_SNAPSHOT_KEEP_LOGS", value_name = "N")]
+    pub snapshot_keep_logs: Option<u64>,
 
     /// Most activations committed by one flush (group commit) [storage.group_commit_max] (default 512).
     #[arg(long, env = "KMSD_GROUP_COMMIT_MAX", value_name = "N")]
@@ -139,6 +199,23 @@ pub struct Cli {
     pub log_level: Option<String>,
 }
 
+/// One-shot commands (without one, `kmsd` runs the node).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum Subcommand {
+    /// Probe the node's /healthz and exit 0 if it answers 200 (container health checks;
+    /// needs no shell or curl in the image).
+    Healthcheck {
+        /// URL to probe (default: http://<admin listen>/healthz from the configuration,
+        /// 0.0.0.0 and :: replaced by loopback).
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, default_value_t = 2)]
+        timeout_secs: u64,
+    },
+    /// Load and validate the configuration, print a summary, and exit.
+    CheckConfig,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProductPolicyArg {
@@ -170,6 +247,9 @@ pub struct FileConfig {
     pub storage: StorageSection,
     /// Present = the file's policy is authoritative and is applied at start-up.
     pub policy: Option<PolicySection>,
+    /// DNS SRV publishing: `[[dns.publish]]` tables (one per domain).
+    #[serde(default)]
+    pub dns: kms_dns::DnsConfig,
     #[serde(default)]
     pub log: LogSection,
 }
@@ -179,6 +259,8 @@ pub struct FileConfig {
 pub struct NodeSection {
     pub id: Option<u64>,
     pub data_dir: Option<PathBuf>,
+    pub advertise_host: Option<String>,
+    pub advertise_port: Option<u16>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,19 +280,35 @@ pub struct KmsSection {
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
     pub listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub advertise: Option<String>,
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RaftSection {
     pub listen: Option<SocketAddr>,
+    pub advertise: Option<String>,
     pub join: Option<Vec<String>>,
+    pub answer_deadline_ms: Option<u64>,
+    pub tls: Option<TlsSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageSection {
     pub snapshot_every: Option<u64>,
+    pub snapshot_keep_logs: Option<u64>,
     pub group_commit_max: Option<usize>,
 }
 
@@ -244,7 +342,19 @@ pub struct Config {
     pub kms_listen_is_default: bool,
     pub admin_listen: SocketAddr,
     pub raft_listen: SocketAddr,
+    /// How peers reach this node's Raft listener.
+    pub raft_advertise: String,
+    /// How operators and joining nodes reach this node's admin API.
+    pub admin_advertise: String,
+    pub admin_token: Option<String>,
+    /// Extra listener serving only `/healthz`, `/readyz` and `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
+    pub raft_tls: Option<kms_raft::network::TlsFiles>,
+    pub answer_deadline: std::time::Duration,
     pub join: Vec<String>,
+    /// SRV target of this node (with `[[dns.publish]]`).
+    pub advertise: Option<kms_dns::Advertise>,
+    pub dns: kms_dns::DnsConfig,
     pub max_connections: usize,
     pub idle_timeout: std::time::Duration,
     pub max_pdu_size: usize,
@@ -253,6 +363,7 @@ pub struct Config {
     pub ndr64: bool,
     pub btfn: bool,
     pub snapshot_every: u64,
+    pub snapshot_keep_logs: u64,
     pub group_commit_max: usize,
     /// Policy to enforce at start-up, when the file or flags name any policy key.
     pub policy: Option<Policy>,
@@ -302,6 +413,116 @@ impl Config {
 
     pub fn merge(cli: Cli, file: FileConfig) -> Result<Self, ConfigError> {
         let policy = resolve_policy(&cli_policy_section(&cli), file.policy.as_ref())?;
+        let raft_listen = cli
+            .raft_listen
+            .or(file.raft.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7688)));
+        let admin_listen = cli
+            .admin_listen
+            .or(file.admin.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8688)));
+        let raft_advertise = cli
+            .raft_advertise
+            .clone()
+            .or(file.raft.advertise.clone())
+            .unwrap_or_else(|| raft_listen.to_string());
+        let admin_advertise = cli
+            .admin_advertise
+            .clone()
+            .or(file.admin.advertise.clone())
+            .unwrap_or_else(|| admin_listen.to_string());
+        let raft_tls = match (
+            &cli.raft_tls_cert,
+            &cli.raft_tls_key,
+            &cli.raft_tls_ca,
+            &file.raft.tls,
+        ) {
+            (Some(cert), Some(key), Some(ca), _) => Some(kms_raft::network::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+                server_name: cli
+                    .raft_tls_server_name
+                    .clone()
+                    .unwrap_or_else(|| "kmsd".into()),
+            }),
+            (None, None, None, Some(t)) => Some(kms_raft::network::TlsFiles {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                ca: t.ca.clone(),
+                server_name: cli
+                    .raft_tls_server_name
+                    .clone()
+                    .or(t.server_name.clone())
+                    .unwrap_or_else(|| "kmsd".into()),
+            }),
+            (None, None, None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "raft.tls",
+                    "--raft-tls-cert, --raft-tls-key and --raft-tls-ca go together",
+                ))
+            }
+        };
+        let answer_ms = cli
+            .answer_deadline_ms
+            .or(file.raft.answer_deadline_ms)
+            .unwrap_or(2500);
+        if !(100..=20_000).contains(&answer_ms) {
+            return Err(invalid(
+                "raft.answer_deadline_ms",
+                format!("{answer_ms} is outside 100..=20000 (clients give up after 10 to 30 s)"),
+            ));
+        }
+        let first_kms_port = cli
+            .kms_listen
+            .first()
+            .or(file.kms.listen.as_ref().and_then(|l| l.first()))
+            .map(|a| a.port())
+            .unwrap_or(DEFAULT_KMS_PORT);
+        let advertise = match cli
+            .advertise_host
+            .clone()
+            .or(file.node.advertise_host.clone())
+        {
+            Some(host) => {
+                let a = kms_dns::Advertise {
+                    advertise_host: host,
+                    advertise_port: cli
+                        .advertise_port
+                        .or(file.node.advertise_port)
+                        .unwrap_or(first_kms_port),
+                };
+                a.validate()
+                    .map_err(|e| invalid("node.advertise_host", e.to_string()))?;
+                Some(a)
+            }
+            None => None,
+        };
+        file.dns
+            .validate()
+            .map_err(|e| invalid("dns.publish", e.to_string()))?;
+        if !file.dns.publish.is_empty() && advertise.is_none() {
+            return Err(invalid(
+                "node.advertise_host",
+                "DNS publishing needs the host name clients use for this node",
+            ));
+        }
+        let admin_token = cli.admin_token.clone().or(file.admin.token.clone());
+        if admin_token.as_deref().is_some_and(|t| t.trim().len() < 16) {
+            return Err(invalid("admin.token", "must be at least 16 characters"));
+        }
+        // Without a token anyone who reaches the admin port could change the policy.
+        if admin_token.is_none() && !admin_listen.ip().is_loopback() {
+            return Err(invalid(
+                "admin.token",
+                format!(
+                    "admin.listen {admin_listen} is not a loopback address: set an admin token \
+                     (--admin-token, KMSD_ADMIN_TOKEN or [admin] token)"
+                ),
+            ));
+        }
+        let metrics_listen = cli.metrics_listen.or(file.admin.metrics_listen);
         let (kms_listen, kms_listen_is_default) = if !cli.kms_listen.is_empty() {
             (cli.kms_listen, false)
         } else if let Some(list) = file.kms.listen {
@@ -372,14 +593,16 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("kmsd-data")),
             kms_listen,
             kms_listen_is_default,
-            admin_listen: cli
-                .admin_listen
-                .or(file.admin.listen)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8688))),
-            raft_listen: cli
-                .raft_listen
-                .or(file.raft.listen)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7688))),
+            admin_listen,
+            raft_listen,
+            raft_advertise,
+            admin_advertise,
+            admin_token,
+            metrics_listen,
+            raft_tls,
+            answer_deadline: std::time::Duration::from_millis(answer_ms),
+            advertise,
+            dns: file.dns,
             join: if cli.join.is_empty() {
                 file.raft.join.unwrap_or_default()
             } else {
@@ -397,6 +620,10 @@ impl Config {
             ndr64: cli.ndr64.or(file.kms.ndr64).unwrap_or(true),
             btfn: cli.btfn.or(file.kms.btfn).unwrap_or(true),
             snapshot_every,
+            snapshot_keep_logs: cli
+                .snapshot_keep_logs
+                .or(file.storage.snapshot_keep_logs)
+                .unwrap_or(1000),
             group_commit_max,
             policy,
             log_format: cli.log_format.or(file.log.format).unwrap_or_default(),
@@ -405,6 +632,42 @@ impl Config {
                 .or(file.log.level)
                 .unwrap_or_else(|| "info".to_owned()),
         })
+    }
+}
+
+impl Config {
+    /// A KMS address the other nodes can reach for health probes: the first listen address,
+    /// an unspecified IP replaced by the host of the Raft address (the client-facing
+    /// `advertise_host` may only resolve in the clients' DNS).
+    pub fn kms_advertise(&self) -> String {
+        let Some(first) = self.kms_listen.first() else {
+            return String::new();
+        };
+        if first.ip().is_unspecified() {
+            let host = self
+                .raft_advertise
+                .rsplit_once(':')
+                .map(|(h, _)| h.to_owned())
+                .unwrap_or_else(|| "127.0.0.1".into());
+            format!("{host}:{}", first.port())
+        } else {
+            first.to_string()
+        }
+    }
+}
+
+impl Config {
+    /// The health URL of this node's admin listener (loopback when it listens on any address).
+    pub fn local_health_url(&self) -> String {
+        let mut addr = self.admin_listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv6() {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            });
+        }
+        format!("http://{addr}/healthz")
     }
 }
 
@@ -561,5 +824,55 @@ mod tests {
         let err =
             Config::merge(parse(&["--max-pdu-size", "10"]), FileConfig::default()).unwrap_err();
         assert!(err.to_string().contains("kms.max_pdu_size"), "{err}");
+    }
+
+    #[test]
+    fn non_loopback_admin_listener_needs_a_token() {
+        let err = Config::merge(
+            parse(&["--admin-listen", "0.0.0.0:8688"]),
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("admin.token"), "{err}");
+        let cfg = Config::merge(
+            parse(&[
+                "--admin-listen",
+                "0.0.0.0:8688",
+                "--admin-token",
+                "0123456789abcdef0123",
+            ]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.admin_token.as_deref(), Some("0123456789abcdef0123"));
+        // Loopback without a token is fine (local operators only), IPv6 too.
+        assert!(Config::merge(
+            parse(&["--admin-listen", "[::1]:8688"]),
+            FileConfig::default()
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn metrics_listener_from_flag_or_file() {
+        let file: FileConfig = toml::from_str(
+            "[admin]\nmetrics_listen = \"127.0.0.1:9100\"\ntoken = \"0123456789abcdef\"\n",
+        )
+        .unwrap();
+        let cfg = Config::merge(parse(&[]), file).unwrap();
+        assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(cfg.admin_token.as_deref(), Some("0123456789abcdef"));
+        let cfg = Config::merge(
+            parse(&["--metrics-listen", "127.0.0.1:9200"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9200".parse().unwrap()));
+        assert_eq!(
+            Config::merge(parse(&[]), FileConfig::default())
+                .unwrap()
+                .metrics_listen,
+            None
+        );
     }
 }

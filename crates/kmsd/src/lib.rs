@@ -2,8 +2,11 @@
 //! The binary (`main.rs`) only parses the configuration and calls [`node::run`].
 
 pub mod admin;
+pub mod admin_backend;
 pub mod config;
+pub mod dns;
 pub mod engine;
+pub mod join;
 pub mod kms_server;
 pub mod node;
 pub mod telemetry;

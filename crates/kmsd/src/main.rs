@@ -1,15 +1,18 @@
-use clap::Parser;
+use std::process::ExitCode;
 
-fn main() -> std::process::ExitCode {
-    let cli = kmsd::config::Cli::parse();
-    let config = match kmsd::config::Config::load(cli) {
+use clap::Parser;
+use kmsd::config::{Cli, Config, Subcommand};
+
+fn main() -> ExitCode {
+    let mut cli = Cli::parse();
+    let command = cli.command.take();
+    let config = match Config::load(cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("kmsd: {e}");
-            return std::process::ExitCode::from(2);
+            return ExitCode::from(2);
         }
     };
-    kmsd::node::init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -17,15 +20,37 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kmsd: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(kmsd::node::run(config)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("kmsd: {e:#}");
-            std::process::ExitCode::FAILURE
+    match command {
+        Some(Subcommand::CheckConfig) => {
+            println!(
+                "configuration ok: node {} data {} kms {:?} admin {} raft {} join {:?} dns targets {}",
+                config.node_id,
+                config.data_dir.display(),
+                config.kms_listen,
+                config.admin_listen,
+                config.raft_listen,
+                config.join,
+                config.dns.publish.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Some(Subcommand::Healthcheck { url, timeout_secs }) => {
+            let url = url.unwrap_or_else(|| config.local_health_url());
+            runtime.block_on(kmsd::node::healthcheck(&url, timeout_secs))
+        }
+        None => {
+            kmsd::node::init_logging(&config);
+            match runtime.block_on(kmsd::node::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("kmsd: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

@@ -10,9 +10,10 @@ use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat};
-use crate::engine::{wall_clock_ms, Engine, EngineConfig};
+use crate::engine::{wall_clock_ms, Engine};
 use crate::kms_server::{bind_listeners, KmsServerConfig, KmsService};
-use crate::{admin, kms_server};
+use crate::{admin, kms_server, telemetry};
+use kms_raft::{ClusterConfig, KmsNode};
 
 /// Sets up `tracing` output (text or JSON lines on stderr).
 pub fn init_logging(config: &Config) {
@@ -46,10 +47,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     metrics::gauge!("kms_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    telemetry::register_metrics();
+    // Written by the DNS publisher (when configured), read by status and /metrics.
+    let dns_status: admin::DnsHandle = Default::default();
 
-    if !config.join.is_empty() {
-        tracing::warn!(join = ?config.join, "--join is accepted but this build runs a single node; ignored");
-    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let state_dir = config.data_dir.join("state");
@@ -62,16 +63,91 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 config.data_dir.display()
             )
         })?;
-    let (engine, committer) = Engine::open(
-        Arc::new(storage),
-        EngineConfig {
-            snapshot_every: config.snapshot_every,
-            group_commit_max: config.group_commit_max,
+    let mut cluster_config = ClusterConfig::new(
+        config.node_id,
+        config.raft_listen,
+        KmsNode {
+            raft_addr: config.raft_advertise.clone(),
+            admin_addr: config.admin_advertise.clone(),
+            kms_addr: config.kms_advertise(),
+            dns: crate::dns::advert(&config),
         },
-    )
-    .await
-    .context("cannot recover the state")?;
-    let identity = engine.ensure_identity().await.context("host identity")?;
+    );
+    cluster_config.bootstrap = config.join.is_empty();
+    cluster_config.snapshot_every = config.snapshot_every;
+    cluster_config.keep_logs_after_snapshot = config.snapshot_keep_logs;
+    cluster_config.batch_max = config.group_commit_max;
+    cluster_config.answer_deadline = config.answer_deadline;
+    cluster_config.tls = config.raft_tls.clone();
+    let engine = Engine::start(cluster_config, Arc::new(storage))
+        .await
+        .context("cannot start the replicated state")?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    // Admin first: health checks and the join call of other nodes must work while this node
+    // joins or elects.
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on admin address {}", config.admin_listen))?;
+    tracing::info!(addr = %admin_listener.local_addr()?, "admin HTTP listening");
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on metrics address {addr}"))?,
+        ),
+        None => None,
+    };
+    let events = telemetry::event_log();
+    let admin_backend = Arc::new(admin::NodeBackend::new(
+        engine.clone(),
+        prometheus,
+        events.clone(),
+        dns_status.clone(),
+        admin::Addresses {
+            kms: config.kms_listen.clone(),
+            admin: admin_listener.local_addr()?,
+            raft: config.raft_listen,
+            metrics: match &metrics_listener {
+                Some(l) => Some(l.local_addr()?),
+                None => None,
+            },
+        },
+    ));
+    let router = admin::router(admin_backend.clone(), config.admin_token.clone());
+    let mut admin_shutdown = shutdown_rx.clone();
+    let admin_task = tokio::spawn(admin::serve(admin_listener, router, async move {
+        let _ = admin_shutdown.changed().await;
+    }));
+    // Health and metrics on their own listener too, when configured (never the API).
+    let metrics_task = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "metrics HTTP listening");
+        }
+        let mut metrics_shutdown = shutdown_rx.clone();
+        tokio::spawn(admin::serve(
+            listener,
+            admin::ops_router(admin_backend.clone()),
+            async move {
+                let _ = metrics_shutdown.changed().await;
+            },
+        ))
+    });
+    events.push(
+        wall_clock_ms(),
+        kms_admin::events::ids::NODE,
+        "info",
+        format!("node {} started", config.node_id),
+        serde_json::json!({ "node_id": config.node_id, "version": env!("CARGO_PKG_VERSION") }),
+    );
+
+    if !config.join.is_empty() {
+        crate::join::join_cluster(&engine, &config).await?;
+    }
+    let identity = engine
+        .ensure_identity(Duration::from_secs(120))
+        .await
+        .context("no host identity: the cluster has no leader")?;
     tracing::info!(
         cluster_id = %identity.cluster_id,
         hwid = %identity.hwid_hex(),
@@ -89,7 +165,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let kms = KmsService::new(
         KmsServerConfig {
             rpc: kms_wire::server::ServerConfig {
@@ -113,19 +188,70 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
 
-    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("cannot listen on admin address {}", config.admin_listen))?;
-    tracing::info!(addr = %admin_listener.local_addr()?, "admin HTTP listening");
-    let router = admin::router(admin::AdminState {
-        engine: engine.clone(),
-        prometheus,
-        node_id: config.node_id,
+    let dns_sink: crate::dns::OutcomeSink = Arc::new(|o: &kms_dns::Outcome| match &o.result {
+        Ok(report) => {
+            tracing::info!(zone = %o.zone, server = %o.server, action = ?o.action, "{}", o.message());
+            telemetry::dns_publish(&o.zone, &o.server, Ok(report.records_published as u32));
+        }
+        Err(e) => {
+            tracing::warn!(zone = %o.zone, server = %o.server, rcode = %e.label(), "{}", o.message());
+            telemetry::dns_publish(&o.zone, &o.server, Err(&format!("{}: {e}", e.label())));
+        }
     });
-    let mut admin_shutdown = shutdown_rx.clone();
-    let admin_task = tokio::spawn(admin::serve(admin_listener, router, async move {
-        let _ = admin_shutdown.changed().await;
-    }));
+    let dns_shared = crate::dns::spawn(
+        &config,
+        engine.clone(),
+        dns_sink.clone(),
+        shutdown_rx.clone(),
+    )?;
+    if let Some(shared) = dns_shared.clone() {
+        let status = dns_status.clone();
+        let targets = config.dns.publish.clone();
+        let mut stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                let stats = shared.stats();
+                let domains = targets
+                    .iter()
+                    .map(|t| {
+                        let s = stats
+                            .iter()
+                            .find(|z| z.zone.trim_end_matches('.') == t.zone.trim_end_matches('.'));
+                        kms_admin::DnsDomainStatus {
+                            zone: t.zone.clone(),
+                            server: t.server.clone(),
+                            priority: t.priority,
+                            weight: t.weight,
+                            ttl: t.ttl,
+                            records_published: s.map(|z| z.records_published as u32).unwrap_or(0),
+                            last_success_ms: s.and_then(|z| z.last_success_unix).map(|u| u * 1000),
+                            last_error: s
+                                .and_then(|z| z.last_error.as_ref())
+                                .map(|(l, m)| format!("{l}: {m}")),
+                        }
+                    })
+                    .collect();
+                if let Ok(mut st) = status.write() {
+                    *st = kms_admin::DnsStatus {
+                        enabled: true,
+                        domains,
+                    };
+                }
+                for z in &stats {
+                    metrics::gauge!("kms_dns_records_published", "zone" => z.zone.clone())
+                        .set(z.records_published as f64);
+                    if let Some(t) = z.last_success_unix {
+                        metrics::gauge!("kms_dns_last_success_timestamp_seconds", "zone" => z.zone.clone()).set(t as f64);
+                    }
+                }
+            }
+        });
+    }
 
     let expire_engine = engine.clone();
     let mut expire_shutdown = shutdown_rx.clone();
@@ -135,6 +261,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = expire_shutdown.changed() => return,
+            }
+            // One node is enough: the leader proposes, the log carries it to everyone.
+            if expire_engine.view().role != kms_raft::cluster::NodeRole::Leader {
+                continue;
             }
             if let Err(e) = expire_engine
                 .propose(Command::Expire {
@@ -149,17 +279,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     tracing::info!(node_id = config.node_id, data_dir = %config.data_dir.display(), "kmsd ready");
     wait_for_signal().await;
-    tracing::info!("shutting down: closing listeners and connections");
+    tracing::info!("shutting down: handing over leadership, closing listeners");
+    engine.cluster().step_down().await;
+    if dns_shared.is_some() {
+        // Withdraw this node's SRV record before it stops answering.
+        crate::dns::withdraw_self(&config, &dns_sink).await;
+    }
     let _ = shutdown_tx.send(true);
     for task in tasks {
         let _ = task.await;
     }
     let _ = expire_task.await;
     let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
-    // Dropping the last engine handle ends the committer after it drains what was queued.
+    if let Some(task) = metrics_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    engine.cluster().shutdown().await;
     drop(kms);
-    drop(engine);
-    let _ = tokio::time::timeout(Duration::from_secs(10), committer).await;
     tracing::info!("kmsd stopped");
     Ok(())
 }
@@ -191,3 +327,28 @@ async fn wait_for_signal() {
 
 // Re-exported for tests that build a node in-process.
 pub use kms_server::KmsService as Service;
+
+/// `kmsd healthcheck`: exit 0 when `url` answers 200 within the timeout.
+pub async fn healthcheck(url: &str, timeout_secs: u64) -> std::process::ExitCode {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(timeout_secs.max(1)))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kmsd healthcheck: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match client.get(url).send().await {
+        Ok(r) if r.status().is_success() => std::process::ExitCode::SUCCESS,
+        Ok(r) => {
+            eprintln!("kmsd healthcheck: {url} answered {}", r.status());
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("kmsd healthcheck: {url}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

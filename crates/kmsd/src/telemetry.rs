@@ -1,11 +1,78 @@
-//! Metrics and the per-request activation log line (the fields of the genuine host's
-//! event 12290).
+//! Metrics, the per-request activation log line and the node's event log (the fields of
+//! the genuine host's event 12290; DNS publishing like 12293/12294).
 
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use kms_admin::events::ids;
+use kms_admin::EventLog;
 use kms_core::ActivationOutcome;
 use kms_wire::kms::BaseRequest;
+use serde_json::json;
+
+use crate::engine::wall_clock_ms;
+
+/// Events kept by a node (oldest dropped first); about 500 bytes each.
+pub const EVENT_LOG_CAPACITY: usize = 20_000;
+
+static EVENT_LOG: OnceLock<Arc<EventLog>> = OnceLock::new();
+
+/// The node's event log (created on first use; one per process).
+pub fn event_log() -> Arc<EventLog> {
+    EVENT_LOG
+        .get_or_init(|| Arc::new(EventLog::new(EVENT_LOG_CAPACITY)))
+        .clone()
+}
+
+/// Reasons `rpc_fault` is called with, registered at 0 so rates and alerts work before the
+/// first fault.
+const RPC_FAULT_REASONS: &[&str] = &[
+    "bad_frame",
+    "too_many_pdus",
+    "fault_pdu",
+    "closed",
+    "not_committed",
+];
+
+/// Registers counters that must exist (at 0) from the start: alert expressions on
+/// `increase()` need a series before the first event.
+pub fn register_metrics() {
+    metrics::counter!("kms_dns_publish_failures_total").absolute(0);
+    metrics::counter!("kms_dns_publish_successes_total").absolute(0);
+    for reason in RPC_FAULT_REASONS {
+        metrics::counter!("kms_rpc_faults_total", "reason" => *reason).absolute(0);
+    }
+    metrics::gauge!("kms_open_connections").set(0.0);
+}
+
+/// Records one DNS publishing attempt for `zone` (counter + event 12294 on success, 12293
+/// with the error on failure). Called by the DNS publisher.
+pub fn dns_publish(zone: &str, server: &str, result: Result<u32, &str>) {
+    let log = event_log();
+    match result {
+        Ok(records) => {
+            metrics::counter!("kms_dns_publish_successes_total").increment(1);
+            log.push(
+                wall_clock_ms(),
+                ids::DNS_PUBLISH_SUCCEEDED,
+                "info",
+                format!("published {records} SRV record(s) in {zone}"),
+                json!({ "zone": zone, "server": server, "records": records }),
+            );
+        }
+        Err(error) => {
+            metrics::counter!("kms_dns_publish_failures_total").increment(1);
+            log.push(
+                wall_clock_ms(),
+                ids::DNS_PUBLISH_FAILED,
+                "error",
+                format!("DNS publishing in {zone} failed: {error}"),
+                json!({ "zone": zone, "server": server, "error": error }),
+            );
+        }
+    }
+}
 
 /// Names of the license states a client reports (slmgr /dlv wording).
 pub fn license_status_name(status: u32) -> &'static str {
@@ -92,11 +159,44 @@ pub fn activation(
         elapsed_us = elapsed.as_micros() as u64,
         "activation request"
     );
+    let product = product_name(req);
+    event_log().push(
+        wall_clock_ms(),
+        ids::ACTIVATION,
+        if hresult == 0 { "info" } else { "warning" },
+        format!(
+            "An activation request has been processed: {product} from {} ({}), count {count}, result 0x{hresult:08X}",
+            req.workstation_name, peer.ip()
+        ),
+        json!({
+            "client": peer.to_string(),
+            "workstation": req.workstation_name,
+            "cmid": req.client_machine_id,
+            "sku_id": req.sku_id,
+            "product": product,
+            "kms_id": req.kms_counted_id,
+            "app": app,
+            "license_status": license,
+            "license_status_code": req.license_status,
+            "protocol": format!("{}.{}", req.version.major, req.version.minor),
+            "count": count,
+            "required": req.required_client_count,
+            "activated": activated,
+            "result": format!("0x{hresult:08X}"),
+            "elapsed_us": u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+        }),
+    );
 }
 
 /// A request whose KMS message could not be decoded.
 pub fn invalid_request(reason: &str) {
-    let _ = reason;
+    event_log().push(
+        wall_clock_ms(),
+        ids::ACTIVATION,
+        "warning",
+        format!("An activation request could not be decoded: {reason}"),
+        json!({ "result": "invalid", "error": reason }),
+    );
     metrics::counter!(
         "kms_activation_requests_total",
         "app" => "unknown",

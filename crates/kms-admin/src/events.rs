@@ -1,0 +1,116 @@
+//! A bounded, node-local event log: the equivalent of the KMS host's event log entries
+//! (12290 per activation request, 12293 DNS publish failure, 12294 DNS publish success) plus
+//! operational events. Oldest events are dropped first.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Event ids used by the genuine KMS host, kept so operators recognise them.
+pub mod ids {
+    /// One activation request processed (time, client, workstation, CMID, product, status, count, result).
+    pub const ACTIVATION: u32 = 12290;
+    /// DNS publishing failed.
+    pub const DNS_PUBLISH_FAILED: u32 = 12293;
+    /// DNS publishing succeeded.
+    pub const DNS_PUBLISH_SUCCEEDED: u32 = 12294;
+    /// Node started / stopped, role changes and other operational notes.
+    pub const NODE: u32 = 1000;
+    /// Cluster membership changes.
+    pub const MEMBERSHIP: u32 = 1001;
+    /// Replicated configuration changed.
+    pub const CONFIG: u32 = 1002;
+    /// Quorum lost or regained.
+    pub const QUORUM: u32 = 1003;
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Event {
+    /// Increasing sequence number (per node).
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub time_ms: u64,
+    pub event_id: u32,
+    /// `info`, `warning` or `error`.
+    pub level: String,
+    pub message: String,
+    /// Structured fields (e.g. the activation's client, cmid, product, count, result).
+    #[schema(value_type = Object)]
+    pub fields: serde_json::Value,
+}
+
+/// Filters for [`EventLog::query`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EventQuery {
+    pub event_id: Option<u32>,
+    /// Only events with `seq > after`.
+    pub after: Option<u64>,
+    /// Newest first, at most this many (default 100, at most 1000).
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug)]
+pub struct EventLog {
+    capacity: usize,
+    inner: Mutex<(u64, VecDeque<Event>)>,
+}
+
+impl EventLog {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            inner: Mutex::new((0, VecDeque::new())),
+        }
+    }
+
+    pub fn push(
+        &self,
+        time_ms: u64,
+        event_id: u32,
+        level: &str,
+        message: impl Into<String>,
+        fields: serde_json::Value,
+    ) {
+        if let Ok(mut guard) = self.inner.lock() {
+            let (seq, events) = &mut *guard;
+            *seq += 1;
+            if events.len() == self.capacity {
+                events.pop_front();
+            }
+            events.push_back(Event {
+                seq: *seq,
+                time_ms,
+                event_id,
+                level: level.to_owned(),
+                message: message.into(),
+                fields,
+            });
+        }
+    }
+
+    /// Newest first.
+    pub fn query(&self, q: &EventQuery) -> Vec<Event> {
+        let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+        let Ok(guard) = self.inner.lock() else {
+            return Vec::new();
+        };
+        guard
+            .1
+            .iter()
+            .rev()
+            .filter(|e| q.event_id.is_none_or(|id| e.event_id == id))
+            .filter(|e| q.after.is_none_or(|a| e.seq > a))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().map(|g| g.1.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,569 @@
+//! What the endpoints compute from the backend and the applied state (no HTTP here).
+
+use kms_catalog::catalog;
+use kms_core::policy::ProductPolicy;
+use kms_core::registry::ClientRecord;
+use kms_core::{Command, CommandResult, HostIdentity, Policy, State};
+use uuid::Uuid;
+
+use crate::backend::AdminBackend;
+use crate::error::ApiError;
+use crate::events::ids;
+use crate::names::{self, ProductFilter};
+use crate::views::*;
+
+/// Largest page of clients or events.
+pub const MAX_PAGE: usize = 1000;
+pub const DEFAULT_PAGE: usize = 100;
+
+fn policy_name(p: ProductPolicy) -> &'static str {
+    match p {
+        ProductPolicy::Open => "open",
+        ProductPolicy::Strict => "strict",
+    }
+}
+
+/// Counts of every catalog application plus any other list that has seen requests.
+pub fn applications(state: &State, now: u64) -> Vec<ApplicationStatus> {
+    let stats = state.statistics();
+    let mut out: Vec<ApplicationStatus> = catalog()
+        .applications()
+        .iter()
+        .map(|a| {
+            let cache = state.counting().list(&a.id);
+            let max_n_seen = cache.map_or(0, |c| c.max_n_seen());
+            let current_count = state.current_count(&a.id, now);
+            let threshold = names::threshold(&a.id, max_n_seen);
+            ApplicationStatus {
+                application_id: a.id,
+                name: a.name.to_owned(),
+                current_count,
+                threshold,
+                threshold_met: threshold > 0 && current_count >= threshold,
+                capacity: cache.map_or(0, |c| c.capacity()),
+                max_n_seen,
+                requests: stats.by_application.get(&a.id).copied().unwrap_or(0),
+            }
+        })
+        .collect();
+    for count in state.counts(now) {
+        if out.iter().any(|a| a.application_id == count.application_id) {
+            continue;
+        }
+        let threshold = names::threshold(&count.application_id, count.max_n_seen);
+        out.push(ApplicationStatus {
+            application_id: count.application_id,
+            name: names::application_name(&count.application_id),
+            current_count: count.current_count,
+            threshold,
+            threshold_met: threshold > 0 && count.current_count >= threshold,
+            capacity: count.capacity,
+            max_n_seen: count.max_n_seen,
+            requests: stats
+                .by_application
+                .get(&count.application_id)
+                .copied()
+                .unwrap_or(0),
+        });
+    }
+    out
+}
+
+/// `GET /api/v1/status`.
+pub async fn status(backend: &dyn AdminBackend) -> StatusResponse {
+    let node = backend.node();
+    let dns = backend.dns();
+    let now = backend.now_ms();
+    let metrics_listen = backend.metrics_listen();
+    let state_lock = backend.state();
+    let state = state_lock.read().await;
+    let stats = state.statistics();
+    let policy = state.policy();
+    let identity = state.identity();
+    let apps = applications(&state, now);
+    let epids = identity
+        .map(|i| {
+            i.epids
+                .iter()
+                .map(|(csvlk_id, epid)| EpidStatus {
+                    csvlk_id: *csvlk_id,
+                    csvlk: catalog()
+                        .csvlk(csvlk_id)
+                        .map_or_else(|| csvlk_id.to_string(), |c| c.name.to_owned()),
+                    epid: epid.clone(),
+                    licensed: policy.licensed_csvlks.contains(csvlk_id),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    StatusResponse {
+        node_id: node.node_id,
+        role: node.role,
+        leader_id: node.leader_id,
+        term: node.term,
+        version: node.version,
+        cluster_id: identity.map(|i| i.cluster_id),
+        quorum: node.quorum,
+        last_applied: node.last_applied,
+        queued_activations: node.queued_activations,
+        listen: ListenStatus {
+            kms: node.kms_listen.iter().map(ToString::to_string).collect(),
+            admin: node.admin_listen.to_string(),
+            raft: node.raft_listen.to_string(),
+            metrics: metrics_listen.map(|a| a.to_string()),
+        },
+        dns,
+        current_count: apps
+            .iter()
+            .map(|a| (a.name.clone(), a.current_count))
+            .collect(),
+        total_requests: stats.total_requests,
+        failed_requests: stats.failed_requests,
+        granted_requests: stats.granted_requests(),
+        requests_by_license_status: (&stats.by_license_status).into(),
+        refusals: stats
+            .refusals
+            .iter()
+            .map(|(hr, n)| (format!("0x{hr:08X}"), *n))
+            .collect(),
+        applications: apps,
+        activation_interval: policy.activation_interval,
+        renewal_interval: policy.renewal_interval,
+        product_policy: policy_name(policy.product_policy).to_owned(),
+        hwid: identity.map(HostIdentity::hwid_hex),
+        host_build: identity.map(|i| i.host_build),
+        epids,
+        registered_clients: state.client_count() as u64,
+        time_ms: now,
+    }
+}
+
+/// Parsed filters of `GET /api/v1/clients`.
+#[derive(Debug, Clone, Default)]
+pub struct ClientFilter {
+    pub application: Option<Uuid>,
+    pub product: Option<ProductFilter>,
+    pub since: Option<u64>,
+    /// Lower-case search text.
+    pub search: Option<String>,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+fn client_matches(f: &ClientFilter, r: &ClientRecord) -> bool {
+    f.application.is_none_or(|a| r.application_id == a)
+        && f.product
+            .is_none_or(|p| p.matches(&r.sku_id, &r.kms_counted_id))
+        && f.since.is_none_or(|t| r.last_seen >= t)
+        && f.search.as_deref().is_none_or(|q| {
+            r.workstation.to_lowercase().contains(q)
+                || r.cmid.to_string().contains(q)
+                || r.last_address
+                    .is_some_and(|a| a.ip().to_string().contains(q))
+                || names::sku_name(&r.sku_id).to_lowercase().contains(q)
+        })
+}
+
+pub fn client_view(r: &ClientRecord) -> ClientView {
+    ClientView {
+        cmid: r.cmid,
+        workstation: r.workstation.to_string(),
+        address: r.last_address.map(|a| a.to_string()),
+        application_id: r.application_id,
+        application: names::application_name(&r.application_id),
+        sku_id: r.sku_id,
+        product: names::sku_name(&r.sku_id),
+        kms_id: r.kms_counted_id,
+        product_group: names::kms_item_name(&r.kms_counted_id),
+        license_status: names::license_status_name(r.license_status).to_owned(),
+        license_status_code: r.license_status,
+        protocol: format!("{}.{}", r.protocol.0, r.protocol.1),
+        is_vm: r.is_vm,
+        first_seen: names::format_time_ms(r.first_seen),
+        last_seen: names::format_time_ms(r.last_seen),
+        first_seen_ms: r.first_seen,
+        last_seen_ms: r.last_seen,
+        request_count: r.request_count,
+        last_count: r.last_count,
+        activated: r.last_result_activated,
+    }
+}
+
+/// Registered clients matching `f`, newest first (ties by CMID), paged.
+pub fn query_clients(state: &State, f: &ClientFilter) -> ClientsPage {
+    let mut matching: Vec<&ClientRecord> = state
+        .registry()
+        .iter()
+        .map(|(_, r)| r)
+        .filter(|r| client_matches(f, r))
+        .collect();
+    let total = matching.len();
+    matching.sort_unstable_by(|a, b| {
+        b.last_seen
+            .cmp(&a.last_seen)
+            .then_with(|| a.cmid.cmp(&b.cmid))
+            .then_with(|| a.application_id.cmp(&b.application_id))
+    });
+    let clients = matching
+        .into_iter()
+        .skip(f.offset)
+        .take(f.limit)
+        .map(client_view)
+        .collect();
+    ClientsPage {
+        total,
+        offset: f.offset,
+        limit: f.limit,
+        clients,
+    }
+}
+
+pub const CSV_HEADER: &str = "cmid,workstation,address,application,product,product_group,sku_id,kms_id,license_status,protocol,is_vm,first_seen,last_seen,request_count,last_count,activated";
+
+/// RFC 4180 field: quoted when it holds a comma, quote or line break. A leading `=`, `+`,
+/// `-` or `@` is prefixed with `'` so a spreadsheet never runs a workstation name as a formula.
+fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@']) {
+        format!("'{s}")
+    } else {
+        s.to_owned()
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}
+
+/// The page as CSV (header line first).
+pub fn clients_csv(page: &ClientsPage) -> String {
+    let mut out = String::with_capacity(64 + page.clients.len() * 200);
+    out.push_str(CSV_HEADER);
+    out.push_str("\r\n");
+    for c in &page.clients {
+        let fields = [
+            c.cmid.to_string(),
+            csv_field(&c.workstation),
+            csv_field(c.address.as_deref().unwrap_or("")),
+            csv_field(&c.application),
+            csv_field(&c.product),
+            csv_field(&c.product_group),
+            c.sku_id.to_string(),
+            c.kms_id.to_string(),
+            c.license_status.clone(),
+            c.protocol.clone(),
+            c.is_vm.to_string(),
+            c.first_seen.clone(),
+            c.last_seen.clone(),
+            c.request_count.to_string(),
+            c.last_count.to_string(),
+            c.activated.to_string(),
+        ];
+        out.push_str(&fields.join(","));
+        out.push_str("\r\n");
+    }
+    out
+}
+
+pub fn policy_view(p: &Policy) -> PolicyView {
+    PolicyView {
+        activation_interval: p.activation_interval,
+        renewal_interval: p.renewal_interval,
+        product_policy: policy_name(p.product_policy).to_owned(),
+        licensed_csvlks: p.licensed_csvlks.clone(),
+        max_clock_skew_minutes: p.max_clock_skew_minutes,
+        client_networks: p.client_networks.iter().map(ToString::to_string).collect(),
+        registry_retention_days: p.registry_retention_days,
+    }
+}
+
+pub fn config_view(state: &State) -> ConfigView {
+    ConfigView {
+        policy: policy_view(state.policy()),
+        identity: state.identity().map(|i| IdentityView {
+            cluster_id: i.cluster_id,
+            hwid: i.hwid_hex(),
+            host_build: i.host_build,
+            lcid: i.lcid,
+            epids: i.epids.clone(),
+        }),
+    }
+}
+
+/// The policy after `patch`, validated (errors name `policy.<field>`).
+pub fn patched_policy(current: &Policy, patch: &PolicyPatch) -> Result<Policy, ApiError> {
+    let mut p = current.clone();
+    if let Some(v) = patch.activation_interval {
+        p.activation_interval = v;
+    }
+    if let Some(v) = patch.renewal_interval {
+        p.renewal_interval = v;
+    }
+    if let Some(v) = patch.product_policy {
+        p.product_policy = v;
+    }
+    if let Some(v) = &patch.licensed_csvlks {
+        p.licensed_csvlks = v.clone();
+    }
+    if let Some(v) = patch.max_clock_skew_minutes {
+        p.max_clock_skew_minutes = v;
+    }
+    if let Some(v) = &patch.client_networks {
+        p.client_networks = v.clone();
+    }
+    if let Some(v) = patch.registry_retention_days {
+        p.registry_retention_days = v;
+    }
+    p.validate()
+        .map_err(|e| ApiError::invalid(format!("policy.{}", e.field), e.message))?;
+    Ok(p)
+}
+
+/// The identity after `patch`, validated (errors name `identity.hwid` or
+/// `identity.epids.<csvlk id>`).
+pub fn patched_identity(
+    current: &HostIdentity,
+    patch: &IdentityPatch,
+) -> Result<HostIdentity, ApiError> {
+    let mut identity = current.clone();
+    if let Some(hwid) = &patch.hwid {
+        identity.hwid = kms_core::identity::parse_hwid(hwid)
+            .map_err(|e| ApiError::invalid("identity.hwid", e))?;
+    }
+    if let Some(epids) = &patch.epids {
+        for (csvlk, epid) in epids {
+            let field = format!("identity.epids.{csvlk}");
+            if catalog().csvlk(csvlk).is_none() {
+                return Err(ApiError::invalid(field, "not a CSVLK in the catalog"));
+            }
+            kms_core::identity::validate_epid(epid).map_err(|e| ApiError::invalid(field, e))?;
+            identity.epids.insert(*csvlk, epid.clone());
+        }
+    }
+    Ok(identity)
+}
+
+/// `PUT /api/v1/config`: validates everything first, then proposes the changes (policy,
+/// then identity). Nothing is proposed when any part is invalid.
+pub async fn update_config(
+    backend: &dyn AdminBackend,
+    update: &ConfigUpdate,
+) -> Result<ConfigView, ApiError> {
+    let (new_policy, new_identity) = {
+        let state_lock = backend.state();
+        let state = state_lock.read().await;
+        let policy = match &update.policy {
+            Some(patch) => {
+                let p = patched_policy(state.policy(), patch)?;
+                (p != *state.policy()).then_some(p)
+            }
+            None => None,
+        };
+        let identity = match &update.identity {
+            Some(patch) => {
+                let current = state.identity().ok_or_else(|| {
+                    ApiError::Conflict("the host identity is not initialised yet".into())
+                })?;
+                let i = patched_identity(current, patch)?;
+                (i != *current).then_some(i)
+            }
+            None => None,
+        };
+        (policy, identity)
+    };
+    let mut changed = Vec::new();
+    if let Some(policy) = new_policy {
+        match backend.propose(Command::SetPolicy(policy)).await? {
+            CommandResult::Policy(Ok(())) => changed.push("policy"),
+            CommandResult::Policy(Err(message)) => {
+                return Err(ApiError::invalid("policy", message))
+            }
+            other => {
+                return Err(ApiError::Internal(format!(
+                    "unexpected result of a policy change: {other:?}"
+                )))
+            }
+        }
+    }
+    if let Some(identity) = new_identity {
+        backend.propose(Command::ReplaceIdentity(identity)).await?;
+        changed.push("identity");
+    }
+    if !changed.is_empty() {
+        backend.events().push(
+            backend.now_ms(),
+            ids::CONFIG,
+            "info",
+            format!("replicated configuration changed: {}", changed.join(", ")),
+            serde_json::json!({ "changed": changed }),
+        );
+    }
+    let state_lock = backend.state();
+    let state = state_lock.read().await;
+    Ok(config_view(&state))
+}
+
+/// `GET /api/v1/products`.
+pub fn products(state: &State, search: Option<&str>, activated: Option<bool>) -> ProductsResponse {
+    let cat = catalog();
+    let policy = state.policy();
+    let identity = state.identity();
+    let words: Vec<String> = search
+        .map(|s| s.split_whitespace().map(str::to_lowercase).collect())
+        .unwrap_or_default();
+    let products = cat
+        .kms_items()
+        .iter()
+        .filter_map(|item| {
+            let skus: Vec<SkuView> = cat
+                .skus_of(&item.id)
+                .into_iter()
+                .map(|s| SkuView {
+                    sku_id: s.id,
+                    name: s.name.to_owned(),
+                    gvlk: s.gvlk.map(str::to_owned),
+                })
+                .collect();
+            if !words.is_empty() {
+                let text = std::iter::once(item.name.to_lowercase())
+                    .chain(skus.iter().map(|s| s.name.to_lowercase()))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                if !words.iter().all(|w| text.contains(w.as_str())) {
+                    return None;
+                }
+            }
+            let allowed = match policy.product_policy {
+                ProductPolicy::Open => true,
+                ProductPolicy::Strict => policy
+                    .licensed_csvlks
+                    .iter()
+                    .any(|id| cat.csvlk(id).is_some_and(|c| c.activates(&item.id))),
+            };
+            let answering = identity.and_then(|i| {
+                i.epid_for(&item.application_id, &item.id, &policy.licensed_csvlks)
+                    .map(|(id, _)| id)
+            });
+            let is_activated = allowed && answering.is_some();
+            if activated.is_some_and(|want| want != is_activated) {
+                return None;
+            }
+            Some(ProductView {
+                kms_id: item.id,
+                name: item.name.to_owned(),
+                application_id: item.application_id,
+                application: names::application_name(&item.application_id),
+                n_count_policy: item.n_count_policy,
+                is_retail: item.is_retail,
+                is_preview: item.is_preview,
+                activated: is_activated,
+                csvlk_id: answering,
+                csvlk: answering
+                    .and_then(|id| cat.csvlk(&id))
+                    .map(|c| c.name.to_owned()),
+                skus,
+            })
+        })
+        .collect();
+    let csvlks = cat
+        .csvlks()
+        .iter()
+        .map(|c| CsvlkView {
+            csvlk_id: c.id,
+            name: c.name.to_owned(),
+            group_id: c.group_id,
+            licensed: policy.licensed_csvlks.contains(&c.id),
+            is_lab: c.is_lab,
+            is_preview: c.is_preview,
+            activates: c.activates.len(),
+        })
+        .collect();
+    ProductsResponse {
+        product_policy: policy_name(policy.product_policy).to_owned(),
+        products,
+        csvlks,
+    }
+}
+
+/// Unix ms of the latest granted activation in the registry (for the idle alert).
+pub fn last_activation_ms(state: &State) -> Option<u64> {
+    state.registry().iter().map(|(_, r)| r.last_seen).max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_quotes_and_defuses_formulas() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("=cmd()"), "'=cmd()");
+        assert_eq!(csv_field("-1,2"), "\"'-1,2\"");
+    }
+
+    #[test]
+    fn policy_patch_validates_and_names_fields() {
+        let current = Policy::default();
+        let patch = PolicyPatch {
+            activation_interval: Some(5),
+            ..Default::default()
+        };
+        match patched_policy(&current, &patch) {
+            Err(ApiError::Invalid { field, .. }) => assert_eq!(field, "policy.activation_interval"),
+            other => panic!("{other:?}"),
+        }
+        let patch = PolicyPatch {
+            renewal_interval: Some(60),
+            max_clock_skew_minutes: Some(Some(240)),
+            ..Default::default()
+        };
+        let p = patched_policy(&current, &patch).unwrap();
+        assert_eq!(p.renewal_interval, 60);
+        assert_eq!(p.max_clock_skew_minutes, Some(240));
+        assert_eq!(p.activation_interval, current.activation_interval);
+        let off = PolicyPatch {
+            max_clock_skew_minutes: Some(None),
+            ..Default::default()
+        };
+        assert_eq!(
+            patched_policy(&p, &off).unwrap().max_clock_skew_minutes,
+            None
+        );
+    }
+
+    #[test]
+    fn identity_patch_validates_hwid_and_epids() {
+        let current = HostIdentity::generate(1_700_000_000_000, [7; 32]);
+        let bad_hwid = IdentityPatch {
+            hwid: Some("xyz".into()),
+            epids: None,
+        };
+        match patched_identity(&current, &bad_hwid) {
+            Err(ApiError::Invalid { field, .. }) => assert_eq!(field, "identity.hwid"),
+            other => panic!("{other:?}"),
+        }
+        let csvlk = kms_catalog::well_known::CSVLK_WINDOWS_SERVER_2019;
+        let bad_epid = IdentityPatch {
+            hwid: None,
+            epids: Some([(csvlk, "not-an-epid".to_owned())].into()),
+        };
+        match patched_identity(&current, &bad_epid) {
+            Err(ApiError::Invalid { field, .. }) => {
+                assert_eq!(field, format!("identity.epids.{csvlk}"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let epid = "03612-00206-566-381813-03-1033-17763.0000-2552023".to_owned();
+        let good = IdentityPatch {
+            hwid: Some("0123456789ABCDEF".into()),
+            epids: Some([(csvlk, epid.clone())].into()),
+        };
+        let next = patched_identity(&current, &good).unwrap();
+        assert_eq!(next.hwid, [0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF]);
+        assert_eq!(next.epids.get(&csvlk), Some(&epid));
+        assert_eq!(next.epids.len(), current.epids.len());
+        assert_eq!(next.cluster_id, current.cluster_id);
+    }
+}

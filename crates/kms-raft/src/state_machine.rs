@@ -1,0 +1,222 @@
+//! The Raft state machine: committed `kms_core::Command`s applied to `kms_core::State`.
+//!
+//! The state lives in memory (shared read-only with the KMS listeners and the admin API);
+//! snapshots are streamed to a file through [`Storage::write_snapshot`]. After a restart the
+//! state is the last snapshot plus the committed log entries openraft re-applies.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use kms_core::State;
+use kms_store::Storage;
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
+use tokio::sync::{watch, RwLock};
+
+use crate::types::{
+    ApplyResult, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
+
+/// What has been applied (published to waiters and status).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Applied {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+}
+
+/// State machine handle (cheap to clone; a clone is also the snapshot builder).
+#[derive(Clone)]
+pub struct StateMachineStore {
+    state: Arc<RwLock<State>>,
+    applied: Arc<watch::Sender<Applied>>,
+    storage: Arc<dyn Storage>,
+}
+
+impl StateMachineStore {
+    /// Loads the last snapshot from `storage`, if any.
+    pub fn open(storage: Arc<dyn Storage>) -> Result<Self, String> {
+        let (state, applied) = match storage.read_snapshot().map_err(|e| e.to_string())? {
+            Some((meta, body)) => {
+                let meta: SnapshotMeta =
+                    postcard::from_bytes(&meta).map_err(|e| format!("snapshot meta: {e}"))?;
+                let state = State::from_snapshot(&body).map_err(|e| format!("snapshot: {e}"))?;
+                (
+                    state,
+                    Applied {
+                        last_applied: meta.last_log_id,
+                        membership: meta.last_membership,
+                    },
+                )
+            }
+            None => (State::default(), Applied::default()),
+        };
+        let (applied_tx, _) = watch::channel(applied);
+        Ok(Self {
+            state: Arc::new(RwLock::new(state)),
+            applied: Arc::new(applied_tx),
+            storage,
+        })
+    }
+
+    /// The applied state, for readers.
+    pub fn state(&self) -> Arc<RwLock<State>> {
+        self.state.clone()
+    }
+
+    /// Watches the last applied log id and membership.
+    pub fn applied(&self) -> watch::Receiver<Applied> {
+        self.applied.subscribe()
+    }
+
+    /// Writes the current state as the snapshot file and returns its bytes and meta.
+    async fn write_current(&self) -> Result<(SnapshotMeta, Vec<u8>), StorageError> {
+        // The read lock keeps `applied` and the state consistent while streaming.
+        let guard = self.state.clone().read_owned().await;
+        let applied = self.applied.borrow().clone();
+        let meta = SnapshotMeta {
+            last_log_id: applied.last_applied,
+            last_membership: applied.membership.clone(),
+            snapshot_id: format!(
+                "{}-{}",
+                applied.last_applied.map(|l| l.leader_id.term).unwrap_or(0),
+                applied.last_applied.map(|l| l.index).unwrap_or(0)
+            ),
+        };
+        let meta_bytes =
+            postcard::to_allocvec(&meta).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let storage = self.storage.clone();
+        let started = std::time::Instant::now();
+        let body = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+            storage
+                .write_snapshot(&meta_bytes, &mut |out| {
+                    guard
+                        .write_snapshot(out)
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                })
+                .map_err(|e| e.to_string())?;
+            drop(guard);
+            // Read back what is on disk: the bytes sent to followers are exactly the file.
+            storage
+                .read_snapshot()
+                .map_err(|e| e.to_string())?
+                .map(|(_, body)| body)
+                .ok_or_else(|| "snapshot vanished after writing".to_owned())
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(None, &e))?
+        .map_err(|e| StorageIOError::write_snapshot(None, openraft::AnyError::error(e)))?;
+        metrics::histogram!("kms_snapshot_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::gauge!("kms_snapshot_size_bytes").set(body.len() as f64);
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            bytes = body.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot written"
+        );
+        Ok((meta, body))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (meta, body) = self.write_current().await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(body)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let applied = self.applied.borrow();
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut results = Vec::new();
+        let mut state = self.state.write().await;
+        let mut applied = self.applied.borrow().clone();
+        for entry in entries {
+            applied.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => results.push(ApplyResult::Internal),
+                EntryPayload::Normal(command) => {
+                    results.push(ApplyResult::Command(state.apply(&command)));
+                }
+                EntryPayload::Membership(membership) => {
+                    applied.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    results.push(ApplyResult::Internal);
+                }
+            }
+        }
+        // Published before the lock is released so a snapshot never pairs this state with an
+        // older applied index.
+        self.applied.send_replace(applied);
+        drop(state);
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let body = snapshot.into_inner();
+        let signature = Some(meta.signature());
+        let new_state = State::from_snapshot(&body)
+            .map_err(|e| StorageIOError::read_snapshot(signature.clone(), &e))?;
+        let meta_bytes = postcard::to_allocvec(meta)
+            .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
+        let storage = self.storage.clone();
+        tokio::task::spawn_blocking(move || {
+            storage.write_snapshot(&meta_bytes, &mut |out| out.write_all(&body))
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?
+        .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
+        let mut state = self.state.write().await;
+        *state = new_state;
+        self.applied.send_replace(Applied {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        });
+        drop(state);
+        tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed from the leader");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let storage = self.storage.clone();
+        let found = tokio::task::spawn_blocking(move || storage.read_snapshot())
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        match found {
+            Some((meta, body)) => {
+                let meta: SnapshotMeta = postcard::from_bytes(&meta)
+                    .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+                Ok(Some(Snapshot {
+                    meta,
+                    snapshot: Box::new(Cursor::new(body)),
+                }))
+            }
+            None => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Three Raft nodes in one process on loopback: formation, one shared count, forwarding,
+//! leader loss, snapshot catch-up, removal.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kms_core::{ActivationOutcome, ActivationRequest};
+use kms_raft::cluster::NodeRole;
+use kms_raft::{Cluster, ClusterConfig, KmsNode};
+
+use kms_store::SledStorage;
+use uuid::Uuid;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct TestNode {
+    id: u64,
+    cluster: Cluster,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(id: u64, bootstrap: bool, snapshot_every: u64) -> TestNode {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut config = ClusterConfig::new(
+        id,
+        addr.parse().unwrap(),
+        KmsNode {
+            raft_addr: addr.clone(),
+            admin_addr: format!("127.0.0.1:{}", free_port()),
+            ..Default::default()
+        },
+    );
+    config.bootstrap = bootstrap;
+    config.snapshot_every = snapshot_every;
+    config.keep_logs_after_snapshot = 0;
+    let storage = SledStorage::open(dir.path()).unwrap();
+    let cluster = Cluster::start(config, Arc::new(storage)).await.unwrap();
+    TestNode {
+        id,
+        cluster,
+        _dir: dir,
+    }
+}
+
+fn request(cmid: Uuid) -> ActivationRequest {
+    ActivationRequest {
+        application_id: kms_catalog::well_known::WINDOWS,
+        sku_id: Uuid::parse_str("73111121-5638-40f6-bc11-f1d7b0d64300").unwrap(),
+        kms_counted_id: Uuid::parse_str("58e2134f-8e11-4d17-9cb2-91069c151148").unwrap(),
+        client_machine_id: cmid,
+        previous_client_machine_id: Uuid::nil(),
+        required_client_count: 25,
+        license_status: 2,
+        binding_expiration: 43200,
+        is_client_vm: false,
+        request_time: 134_000_000_000_000_000,
+        workstation_name: "ws".into(),
+        protocol_major: 6,
+        protocol_minor: 0,
+        client_address: None,
+    }
+}
+
+async fn count(node: &TestNode, cmid: Uuid) -> u32 {
+    match node.cluster.activate(request(cmid)).await.unwrap() {
+        ActivationOutcome::Granted(g) => g.current_count,
+        ActivationOutcome::Refused(r) => panic!("refused {r:?}"),
+    }
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_count_as_one_host() {
+    let n1 = start(1, true, 50).await;
+    let identity = n1
+        .cluster
+        .ensure_identity(Duration::from_secs(10))
+        .await
+        .unwrap();
+    // Charge some state before the others join, so node 3 needs a snapshot.
+    for _ in 0..120 {
+        count(&n1, Uuid::new_v4()).await;
+    }
+    let n2 = start(2, false, 50).await;
+    let n3 = start(3, false, 50).await;
+    n1.cluster
+        .add_member(2, n2.cluster.advertised().clone())
+        .await
+        .unwrap();
+    // Any member may be asked: node 2 forwards the join to the leader.
+    n2.cluster
+        .add_member(3, n3.cluster.advertised().clone())
+        .await
+        .unwrap();
+    wait_for("3 voters everywhere", Duration::from_secs(10), || {
+        [&n1, &n2, &n3]
+            .iter()
+            .all(|n| n.cluster.members().iter().filter(|m| m.voter).count() == 3)
+    })
+    .await;
+    // Node 3 joined after the log was compacted: it caught up by installing a snapshot.
+    let n3_snapshot = n3.cluster.raft().metrics().borrow().snapshot;
+    assert!(
+        n3_snapshot.is_some_and(|s| s.index >= 50),
+        "node 3 got no snapshot: {n3_snapshot:?}"
+    );
+    // The joiners have the same identity (replicated, not generated).
+    for n in [&n2, &n3] {
+        let id = n
+            .cluster
+            .ensure_identity(Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(id, identity, "node {} has another identity", n.id);
+    }
+    // One shared count: activations through each node raise the same counter.
+    let base = 50; // capped at 2 x 25 after 120 clients
+    assert_eq!(count(&n1, Uuid::new_v4()).await, base);
+    // A renewal of a known client through a follower does not raise the count.
+    let known = Uuid::new_v4();
+    let c2 = count(&n2, known).await;
+    let c3 = count(&n3, known).await;
+    assert_eq!(c2, c3);
+    // Removing node 3 leaves a 2-voter cluster that keeps committing.
+    n1.cluster.remove_member(3).await.unwrap();
+    wait_for("2 voters", Duration::from_secs(10), || {
+        n1.cluster.members().iter().filter(|m| m.voter).count() == 2
+    })
+    .await;
+    count(&n2, Uuid::new_v4()).await;
+    n3.cluster.shutdown().await;
+    n2.cluster.shutdown().await;
+    n1.cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_leader_takes_over_and_no_acknowledged_activation_is_lost() {
+    let n1 = start(1, true, 1000).await;
+    n1.cluster
+        .ensure_identity(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let n2 = start(2, false, 1000).await;
+    let n3 = start(3, false, 1000).await;
+    n1.cluster
+        .add_member(2, n2.cluster.advertised().clone())
+        .await
+        .unwrap();
+    n1.cluster
+        .add_member(3, n3.cluster.advertised().clone())
+        .await
+        .unwrap();
+    let mut acked = Vec::new();
+    for i in 0..30u128 {
+        let cmid = Uuid::from_u128(i + 1);
+        let node = [&n1, &n2, &n3][(i % 3) as usize];
+        count(node, cmid).await;
+        acked.push(cmid);
+    }
+    let leader = n1.cluster.view().leader_id.unwrap();
+    let (survivors, dead): (Vec<&TestNode>, Vec<&TestNode>) =
+        [&n1, &n2, &n3].into_iter().partition(|n| n.id != leader);
+    dead[0].cluster.shutdown().await;
+    let started = Instant::now();
+    wait_for("a new leader", Duration::from_secs(10), || {
+        survivors
+            .iter()
+            .any(|n| n.cluster.view().role == NodeRole::Leader)
+    })
+    .await;
+    let failover = started.elapsed();
+    assert!(
+        failover < Duration::from_secs(5),
+        "failover took {failover:?}"
+    );
+    // Every acknowledged CMID is in the registry of both survivors.
+    for n in &survivors {
+        let state = n.cluster.state();
+        let state = state.read().await;
+        for cmid in &acked {
+            assert!(!state.client(cmid).is_empty(), "node {} lost {cmid}", n.id);
+        }
+    }
+    // And the survivors keep committing.
+    count(survivors[0], Uuid::new_v4()).await;
+    for n in survivors {
+        n.cluster.shutdown().await;
+    }
+}

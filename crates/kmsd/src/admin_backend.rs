@@ -1,0 +1,264 @@
+//! [`AdminBackend`] over this node's [`Engine`]: what the admin API, the dashboard and
+//! `/metrics` read and change. Membership calls go to the Raft cluster (any member accepts
+//! them and forwards to the leader).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use kms_admin::{
+    AdminBackend, BackendError, ClusterStatus, DnsStatus, EventLog, JoinRequest, JoinResponse,
+    MemberStatus, NodeStatus, Role,
+};
+use kms_core::{Command, CommandResult, State};
+use kms_raft::cluster::NodeRole;
+use kms_raft::{ClusterError, KmsNode};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::engine::{wall_clock_ms, Engine, EngineError};
+
+/// Shared DNS publishing status: the publisher writes it, status and metrics read it.
+pub type DnsHandle = Arc<RwLock<DnsStatus>>;
+
+/// A node is ready while its applied index is at most this far behind its log.
+pub const READY_MAX_APPLY_LAG: u64 = 1000;
+
+/// Addresses shown in status.
+#[derive(Debug, Clone)]
+pub struct Addresses {
+    pub kms: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    pub raft: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// The admin surface's view of this node.
+pub struct NodeBackend {
+    engine: Engine,
+    prometheus: PrometheusHandle,
+    events: Arc<EventLog>,
+    dns: DnsHandle,
+    addresses: Addresses,
+}
+
+impl NodeBackend {
+    pub fn new(
+        engine: Engine,
+        prometheus: PrometheusHandle,
+        events: Arc<EventLog>,
+        dns: DnsHandle,
+        addresses: Addresses,
+    ) -> Self {
+        Self {
+            engine,
+            prometheus,
+            events,
+            dns,
+            addresses,
+        }
+    }
+
+    fn leader_admin(&self) -> Option<String> {
+        self.engine
+            .cluster()
+            .leader()
+            .filter(|(id, _)| *id != self.engine.cluster().node_id())
+            .map(|(_, node)| node.admin_addr)
+    }
+
+    fn map_error(&self, e: EngineError) -> BackendError {
+        let EngineError::Cluster(e) = e;
+        self.map_cluster_error(e)
+    }
+
+    fn map_cluster_error(&self, e: ClusterError) -> BackendError {
+        match e {
+            ClusterError::Unavailable(message) => BackendError::Unavailable {
+                message,
+                leader_admin: self.leader_admin(),
+            },
+            ClusterError::Stopped => BackendError::Unavailable {
+                message: "the node is shutting down".into(),
+                leader_admin: None,
+            },
+            ClusterError::Invalid(message) => BackendError::Invalid {
+                field: "body".into(),
+                message,
+            },
+            ClusterError::Conflict(message) => BackendError::Conflict(message),
+            ClusterError::Storage(message) | ClusterError::Internal(message) => {
+                BackendError::Internal(message)
+            }
+        }
+    }
+
+    fn members(&self) -> (Option<u64>, Vec<MemberStatus>) {
+        let view = self.engine.view();
+        let leader_last = (view.role == NodeRole::Leader).then_some(view.last_log_index);
+        let members = self
+            .engine
+            .members()
+            .into_iter()
+            .map(|m| {
+                let role = if Some(m.id) == view.leader_id {
+                    "leader"
+                } else if m.voter {
+                    "follower"
+                } else {
+                    "learner"
+                };
+                // Replication progress is only known on the leader.
+                let matched = leader_last.and(m.matched_index);
+                MemberStatus {
+                    id: m.id,
+                    role: role.to_owned(),
+                    raft_addr: m.node.raft_addr,
+                    admin_addr: m.node.admin_addr,
+                    last_log_index: matched,
+                    last_applied: (m.id == view.node_id).then_some(view.last_applied),
+                    lag: leader_last
+                        .zip(matched)
+                        .map(|(last, matched)| last.saturating_sub(matched)),
+                }
+            })
+            .collect();
+        (view.leader_id, members)
+    }
+}
+
+#[async_trait::async_trait]
+impl AdminBackend for NodeBackend {
+    fn state(&self) -> Arc<tokio::sync::RwLock<State>> {
+        Arc::clone(self.engine.state())
+    }
+
+    fn now_ms(&self) -> u64 {
+        wall_clock_ms()
+    }
+
+    fn node(&self) -> NodeStatus {
+        let view = self.engine.view();
+        let role = match view.role {
+            _ if !view.initialized => Role::Detached,
+            NodeRole::Leader => Role::Leader,
+            NodeRole::Follower => Role::Follower,
+            NodeRole::Candidate => Role::Candidate,
+            NodeRole::Learner => Role::Learner,
+            NodeRole::Shutdown => Role::Detached,
+        };
+        NodeStatus {
+            node_id: view.node_id,
+            role,
+            leader_id: view.leader_id,
+            term: view.term,
+            kms_listen: self.addresses.kms.clone(),
+            admin_listen: self.addresses.admin,
+            raft_listen: self.addresses.raft,
+            last_applied: view.last_applied,
+            quorum: view.quorum_ok,
+            queued_activations: view.queued_activations,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        let view = self.engine.view();
+        if !view.initialized {
+            return Err("not a member of a cluster yet".into());
+        }
+        if view.leader_id.is_none() {
+            return Err("no known leader".into());
+        }
+        let behind = view.last_log_index.saturating_sub(view.last_applied);
+        if behind > READY_MAX_APPLY_LAG {
+            return Err(format!(
+                "applied index {} is {behind} entries behind the log",
+                view.last_applied
+            ));
+        }
+        // The identity is the last thing a fresh cluster commits before serving.
+        match self.engine.state().try_read() {
+            Ok(state) if state.identity().is_none() => Err("host identity not initialised".into()),
+            // A writer holds the lock (applying entries): the node is working, not stuck.
+            _ => Ok(()),
+        }
+    }
+
+    async fn cluster(&self) -> Result<ClusterStatus, BackendError> {
+        let view = self.engine.view();
+        let (leader_id, members) = self.members();
+        Ok(ClusterStatus {
+            cluster_id: self.engine.cluster().cluster_id(),
+            leader_id,
+            term: view.term,
+            members,
+        })
+    }
+
+    async fn join(&self, request: JoinRequest) -> Result<JoinResponse, BackendError> {
+        self.engine
+            .cluster()
+            .add_member(
+                request.node_id,
+                KmsNode {
+                    raft_addr: request.raft_addr,
+                    admin_addr: request.admin_addr,
+                    kms_addr: request.kms_addr.unwrap_or_default(),
+                    dns: request.dns.map(|d| kms_raft::types::DnsAdvert {
+                        host: d.host,
+                        port: d.port,
+                        addresses: d.addresses,
+                        zones: d.zones,
+                    }),
+                },
+            )
+            .await
+            .map_err(|e| self.map_cluster_error(e))?;
+        let (leader_id, members) = self.members();
+        Ok(JoinResponse {
+            cluster_id: self.engine.cluster().cluster_id().unwrap_or_default(),
+            leader_id: leader_id.unwrap_or_default(),
+            members,
+        })
+    }
+
+    async fn remove_member(&self, node_id: u64) -> Result<(), BackendError> {
+        let members = self.engine.members();
+        if !members.iter().any(|m| m.id == node_id) {
+            return Err(BackendError::NotFound(format!("member {node_id}")));
+        }
+        let voters = members.iter().filter(|m| m.voter).count();
+        if voters <= 1 && members.iter().any(|m| m.id == node_id && m.voter) {
+            return Err(BackendError::Conflict(format!(
+                "node {node_id} is the last voter; a cluster cannot remove its last member"
+            )));
+        }
+        self.engine
+            .cluster()
+            .remove_member(node_id)
+            .await
+            .map_err(|e| self.map_cluster_error(e))
+    }
+
+    async fn propose(&self, command: Command) -> Result<CommandResult, BackendError> {
+        self.engine
+            .propose(command)
+            .await
+            .map_err(|e| self.map_error(e))
+    }
+
+    fn events(&self) -> Arc<EventLog> {
+        self.events.clone()
+    }
+
+    fn dns(&self) -> DnsStatus {
+        self.dns.read().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    fn render_metrics(&self) -> String {
+        self.prometheus.render()
+    }
+
+    fn metrics_listen(&self) -> Option<SocketAddr> {
+        self.addresses.metrics
+    }
+}
