@@ -183,6 +183,33 @@ async fn formation_shared_count_identity_snapshot_join_and_removal() {
         cluster_json(&nodes[0])["members"].as_array().map(Vec::len) == Some(3)
     });
     drop(n4);
+    // Removing it again: 404, and `kmsctl cluster remove --ignore-missing` treats that as done.
+    let (status, _) = http_request(
+        nodes[0].admin_addr,
+        "DELETE",
+        "/api/v1/cluster/members/4",
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 404);
+    let kmsctl = |extra: &[&str]| {
+        let admin = format!("http://{}", nodes[0].admin_addr);
+        let mut args = vec!["cluster", "remove", "--url", admin.as_str(), "4"];
+        args.extend_from_slice(extra);
+        Command::new(binary("kmsctl")).args(&args).output().unwrap()
+    };
+    assert_eq!(
+        kmsctl(&[]).status.code(),
+        Some(5),
+        "a missing member is an API error"
+    );
+    let out = kmsctl(&["--ignore-missing"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A restarted node rejoins from its data dir alone (no --join needed) and catches up.
     nodes[2].kill9();
@@ -336,4 +363,74 @@ async fn minority_node_keeps_answering_and_reconciles() {
     }
     // The count never went backwards: the next new client sees 12.
     assert_eq!(activate(&nodes[1], Uuid::new_v4()).await.count, 12);
+}
+
+fn kmsd_offline(node: &Node, args: &[&str]) -> (i32, String, String) {
+    // Options go before the subcommand.
+    let out = Command::new(binary("kmsd"))
+        .arg("--data-dir")
+        .arg(&node.data_dir)
+        .arg("--raft-listen")
+        .arg(node.raft_addr.to_string())
+        .arg("--admin-listen")
+        .arg(node.admin_addr.to_string())
+        .arg("--kms-listen")
+        .arg(node.kms_addr.to_string())
+        .args(["--node-id", "1"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_quorum_forced_single_node_recovery_keeps_identity_and_counts() {
+    let dirs = dirs(4);
+    let mut nodes = three_nodes(&dirs[..3], &[]);
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        seen.push(activate(&nodes[0], Uuid::new_v4()).await);
+    }
+    let old_cluster = cluster_json(&nodes[0])["cluster_id"].clone();
+    // Two of three machines are gone for good; the survivor is stopped for the recovery.
+    nodes[1].kill9();
+    nodes[2].kill9();
+    assert_eq!(nodes[0].terminate(), Some(0));
+    let (code, out, err) = kmsd_offline(&nodes[0], &["inspect"]);
+    assert_eq!(code, 0, "{err}");
+    let inspected: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(inspected["registered_clients"], 10, "{inspected}");
+    assert_eq!(inspected["voters"].as_array().map(Vec::len), Some(3));
+    // recover refuses without the explicit flag, then recovers, then is a no-op.
+    let (code, _, _) = kmsd_offline(&nodes[0], &["recover"]);
+    assert_eq!(code, 2);
+    let (code, out, err) = kmsd_offline(&nodes[0], &["recover", "--force-single-node"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("recovered"), "{out}");
+    let (code, out, _) = kmsd_offline(&nodes[0], &["recover", "--force-single-node"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("already recovered"), "{out}");
+
+    // The survivor leads a one-node cluster with the same identity and counts.
+    nodes[0].spawn();
+    let c = cluster_json(&nodes[0]);
+    assert_eq!(c["leader_id"], 1, "{c}");
+    assert_eq!(c["members"].as_array().map(Vec::len), Some(1), "{c}");
+    assert_ne!(c["cluster_id"], old_cluster, "a new cluster generation");
+    let after = activate(&nodes[0], Uuid::new_v4()).await;
+    assert_eq!(after.count, 11);
+    assert_eq!(after.epid, seen[0].epid);
+    assert_eq!(after.hwid, seen[0].hwid);
+    // A replacement node joins it from an empty data dir.
+    let n4 = Node::start_member(dirs[3].path(), 4, Some(&nodes[0]), &[]);
+    wait_until("2 voters", Duration::from_secs(30), || {
+        voters(&nodes[0]) == 2
+    });
+    wait_until("node 4 has the registry", Duration::from_secs(30), || {
+        registered_cmids(&n4).len() == 11
+    });
 }

@@ -116,6 +116,39 @@ async fn srv_records_follow_the_healthy_members() {
         "{srv:?}"
     );
     assert_eq!(dns.srv_ttl(), Some(60));
+    // `kmsctl discover` lists them in the order a client would try: priority 0 first.
+    let out = std::process::Command::new(kms_tests::binary("kmsctl"))
+        .args([
+            "discover",
+            &dns.zone,
+            "--dns",
+            &dns.addr().to_string(),
+            "--seed",
+            "7",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let order = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = order.lines().collect();
+    assert_eq!(lines.len(), 4, "{order}");
+    assert!(
+        lines[2].contains("foreign.example") && lines[2].contains("priority 5"),
+        "{order}"
+    );
+    assert!(
+        lines[3].contains("node3.") && lines[3].contains("priority 10"),
+        "{order}"
+    );
+    assert!(
+        lines[0].contains("priority 0") && lines[1].contains("priority 0"),
+        "{order}"
+    );
     let status = n1.get_json("/api/v1/status");
     assert!(
         status.to_string().contains(&dns.zone),

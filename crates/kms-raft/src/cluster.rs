@@ -81,6 +81,8 @@ pub enum ClusterError {
     Invalid(String),
     #[error("conflict: {0}")]
     Conflict(String),
+    #[error("node {0} is not a member")]
+    NotMember(NodeId),
     #[error("storage: {0}")]
     Storage(String),
     #[error("internal: {0}")]
@@ -97,6 +99,7 @@ impl From<ForwardError> for ClusterError {
             }
             ForwardErrorKind::Invalid => ClusterError::Invalid(e.message),
             ForwardErrorKind::Conflict => ClusterError::Conflict(e.message),
+            ForwardErrorKind::NotMember(id) => ClusterError::NotMember(id),
             ForwardErrorKind::Internal => ClusterError::Internal(e.message),
         }
     }
@@ -108,6 +111,7 @@ impl From<ClusterError> for ForwardError {
             ClusterError::Unavailable(_) | ClusterError::Stopped => ForwardErrorKind::Unavailable,
             ClusterError::Invalid(_) => ForwardErrorKind::Invalid,
             ClusterError::Conflict(_) => ForwardErrorKind::Conflict,
+            ClusterError::NotMember(id) => ForwardErrorKind::NotMember(*id),
             ClusterError::Storage(_) | ClusterError::Internal(_) => ForwardErrorKind::Internal,
         };
         ForwardError {

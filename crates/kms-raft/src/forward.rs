@@ -40,6 +40,7 @@ pub enum ForwardErrorKind {
     NotLeader,
     Invalid,
     Conflict,
+    NotMember(NodeId),
     Unavailable,
     Internal,
 }

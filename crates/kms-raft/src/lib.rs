@@ -16,6 +16,7 @@ pub mod forward;
 pub mod grpc;
 pub mod log_store;
 pub mod network;
+pub mod offline;
 pub mod state_machine;
 pub mod types;
 

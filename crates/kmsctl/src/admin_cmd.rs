@@ -71,6 +71,9 @@ pub enum ClusterCmd {
         admin: AdminArgs,
         /// Node id of the member.
         id: u64,
+        /// Succeed when the node is not a member (any more): safe to retry in scripts.
+        #[arg(long)]
+        ignore_missing: bool,
     },
 }
 
@@ -448,10 +451,19 @@ pub async fn cluster(cmd: ClusterCmd) -> u8 {
             })
             .await
         }
-        ClusterCmd::Remove { admin, id } => {
+        ClusterCmd::Remove {
+            admin,
+            id,
+            ignore_missing,
+        } => {
             run(&admin, |c| async move {
-                c.remove_member(id).await?;
-                outln!("member {id} removed");
+                match c.remove_member(id).await {
+                    Ok(()) => outln!("member {id} removed"),
+                    Err(AdminError::Api { status: 404, .. }) if ignore_missing => {
+                        outln!("member {id} is not a member; nothing to do")
+                    }
+                    Err(e) => return Err(e),
+                }
                 Ok(())
             })
             .await

@@ -59,6 +59,64 @@ enum Cmd {
     Activate(ActivateArgs),
     /// Generate a bounded activation load and report throughput and latency.
     Bench(BenchArgs),
+    /// Resolve `_vlmcs._tcp.DOMAIN` and print the order a Windows client would try the hosts
+    /// in (RFC 2782: lowest priority first, weighted random within a priority).
+    Discover(DiscoverArgs),
+}
+
+#[derive(Args)]
+struct DiscoverArgs {
+    /// DNS domain whose `_vlmcs._tcp` SRV records list the KMS hosts.
+    domain: String,
+    /// DNS server to ask (HOST[:PORT]); default: the system resolver.
+    #[arg(long)]
+    dns: Option<String>,
+    /// Seconds to wait for the DNS answer.
+    #[arg(long, default_value_t = 5)]
+    timeout_secs: u64,
+    /// Seed of the weighted random choice (repeatable orders for scripts).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+async fn dns_server(dns: &Option<String>) -> Result<Option<std::net::SocketAddr>, u8> {
+    match dns {
+        Some(text) => kmsctl::discover::parse_dns_server(text)
+            .await
+            .map(Some)
+            .map_err(|e| {
+                eprintln!("kmsctl: --dns: {e}");
+                EXIT_USAGE
+            }),
+        None => Ok(None),
+    }
+}
+
+fn rng_for(seed: Option<u64>) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    match seed {
+        Some(s) => rand::rngs::StdRng::seed_from_u64(s),
+        None => rand::rngs::StdRng::from_entropy(),
+    }
+}
+
+async fn run_discover(args: DiscoverArgs) -> u8 {
+    let dns = match dns_server(&args.dns).await {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let mut rng = rng_for(args.seed);
+    let timeout = Duration::from_secs(args.timeout_secs.max(1));
+    match kmsctl::discover::discover(&args.domain, dns, timeout, &mut rng).await {
+        Ok(order) => {
+            print!("{}", kmsctl::discover::format_order(&order));
+            0
+        }
+        Err(e) => {
+            eprintln!("kmsctl: discover {}: {e}", args.domain);
+            EXIT_UNREACHABLE
+        }
+    }
 }
 
 /// How the client binds (which presentation contexts it offers).
@@ -109,6 +167,13 @@ struct ActivateArgs {
     /// Use this client machine id for every request.
     #[arg(long)]
     cmid: Option<Uuid>,
+    /// Find the host through `_vlmcs._tcp.DOMAIN` SRV records like Windows does, falling
+    /// over to the next host when one does not answer (instead of --server).
+    #[arg(long, value_name = "DOMAIN")]
+    discover: Option<String>,
+    /// DNS server for --discover (HOST[:PORT]).
+    #[arg(long, requires = "discover")]
+    dns: Option<String>,
     /// Open a new connection for every request (vlmcs -T).
     #[arg(long)]
     new_connection: bool,
@@ -226,6 +291,7 @@ fn main() -> ExitCode {
             Cmd::Products(args) => admin_cmd::products(args).await,
             Cmd::Activate(args) => activate(args).await,
             Cmd::Bench(args) => run_bench(args).await,
+            Cmd::Discover(args) => run_discover(args).await,
         }
     });
     ExitCode::from(code)
@@ -259,14 +325,24 @@ async fn activate(args: ActivateArgs) -> u8 {
             if !args.json && !args.quiet {
                 println!("Connecting to {} ...", args.client.server);
             }
-            match KmsClient::connect(&args.client.server, options, timeout).await {
+            let connected = match &args.discover {
+                Some(domain) => discover_and_connect(domain, &args.dns, options, timeout).await,
+                None => KmsClient::connect(&args.client.server, options, timeout)
+                    .await
+                    .map_err(Discovered::Kms),
+            };
+            match connected {
                 Ok(c) => {
                     if !args.json && !args.quiet {
                         println!("RPC bind successful ({})", c.peer());
                     }
                     conn = Some(c);
                 }
-                Err(e) => {
+                Err(Discovered::Failed(code, message)) => {
+                    eprintln!("kmsctl: {message}");
+                    return code;
+                }
+                Err(Discovered::Kms(e)) => {
                     eprintln!("kmsctl: {e}");
                     return match e {
                         KmsClientError::Connect { .. } | KmsClientError::Timeout(_) => {
@@ -504,5 +580,39 @@ async fn run_bench(args: BenchArgs) -> u8 {
         EXIT_FAILED
     } else {
         0
+    }
+}
+
+enum Discovered {
+    Kms(KmsClientError),
+    Failed(u8, String),
+}
+
+/// `activate --discover`: SRV lookup, RFC 2782 order, first host that binds.
+async fn discover_and_connect(
+    domain: &str,
+    dns: &Option<String>,
+    options: BindOptions,
+    timeout: Duration,
+) -> Result<KmsClient, Discovered> {
+    let dns = dns_server(dns)
+        .await
+        .map_err(|code| Discovered::Failed(code, "bad --dns".into()))?;
+    let mut rng = rng_for(None);
+    let order = kmsctl::discover::discover(domain, dns, timeout, &mut rng)
+        .await
+        .map_err(|e| Discovered::Failed(EXIT_UNREACHABLE, format!("discover {domain}: {e}")))?;
+    match kmsctl::discover::connect_first(&order, dns, options, timeout).await {
+        Ok((host, client)) => {
+            eprintln!(
+                "kmsctl: using {}:{} from _vlmcs._tcp.{domain}",
+                host.target, host.port
+            );
+            Ok(client)
+        }
+        Err(e) => Err(Discovered::Failed(
+            EXIT_UNREACHABLE,
+            format!("no host of {domain} answered: {e}"),
+        )),
     }
 }

@@ -85,6 +85,7 @@ impl NodeBackend {
                 message,
             },
             ClusterError::Conflict(message) => BackendError::Conflict(message),
+            ClusterError::NotMember(id) => BackendError::NotFound(format!("member {id}")),
             ClusterError::Storage(message) | ClusterError::Internal(message) => {
                 BackendError::Internal(message)
             }

@@ -214,6 +214,16 @@ pub enum Subcommand {
     },
     /// Load and validate the configuration, print a summary, and exit.
     CheckConfig,
+    /// Print what the (stopped) node's data dir holds as JSON: cluster id, members, last log
+    /// index, snapshot, registered clients, queued activations.
+    Inspect,
+    /// Lost quorum for good: turn this stopped node's data dir into a one-node cluster that
+    /// keeps identity, counts and registry, with a new cluster id (old members are refused).
+    Recover {
+        /// Required: confirms that the other members are gone for good.
+        #[arg(long)]
+        force_single_node: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]

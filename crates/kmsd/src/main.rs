@@ -37,6 +37,14 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Some(Subcommand::Inspect) => kmsd::node::inspect(&config),
+        Some(Subcommand::Recover { force_single_node }) => {
+            if !force_single_node {
+                eprintln!("kmsd recover: add --force-single-node to confirm the other members are gone for good");
+                return ExitCode::from(2);
+            }
+            kmsd::node::recover(&config)
+        }
         Some(Subcommand::Healthcheck { url, timeout_secs }) => {
             let url = url.unwrap_or_else(|| config.local_health_url());
             runtime.block_on(kmsd::node::healthcheck(&url, timeout_secs))

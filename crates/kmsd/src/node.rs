@@ -352,3 +352,57 @@ pub async fn healthcheck(url: &str, timeout_secs: u64) -> std::process::ExitCode
         }
     }
 }
+
+fn open_offline(config: &Config) -> Result<SledStorage, String> {
+    SledStorage::open(&config.data_dir.join("state")).map_err(|e| {
+        format!(
+            "cannot open {} (is kmsd still running on it?): {e}",
+            config.data_dir.display()
+        )
+    })
+}
+
+/// `kmsd inspect`: prints the data dir's content as JSON.
+pub fn inspect(config: &Config) -> std::process::ExitCode {
+    let result = open_offline(config).and_then(|s| kms_raft::offline::inspect(&s));
+    match result.and_then(|i| serde_json::to_string_pretty(&i).map_err(|e| e.to_string())) {
+        Ok(json) => {
+            println!("{json}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kmsd inspect: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `kmsd recover --force-single-node`.
+pub fn recover(config: &Config) -> std::process::ExitCode {
+    let node = KmsNode {
+        raft_addr: config.raft_advertise.clone(),
+        admin_addr: config.admin_advertise.clone(),
+        kms_addr: config.kms_advertise(),
+        dns: crate::dns::advert(config),
+    };
+    let result = open_offline(config).and_then(|s| {
+        kms_raft::offline::force_single_node(&s, config.node_id, node, wall_clock_ms())
+    });
+    match result {
+        Ok(true) => {
+            println!(
+                "recovered: node {} is now the only member of a new cluster generation; start it, then let the other nodes join it with empty data directories",
+                config.node_id
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!("already recovered; nothing to do");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kmsd recover: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
