@@ -53,7 +53,32 @@ pub struct EventQuery {
 #[derive(Debug)]
 pub struct EventLog {
     capacity: usize,
-    inner: Mutex<(u64, VecDeque<Event>)>,
+    inner: Mutex<(u64, VecDeque<StoredEvent>)>,
+}
+
+/// An event as kept in the ring: the structured fields as compact JSON text, which is a
+/// fraction of a parsed `serde_json::Value` tree (thousands of events stay a few MB).
+#[derive(Debug)]
+struct StoredEvent {
+    seq: u64,
+    time_ms: u64,
+    event_id: u32,
+    level: Box<str>,
+    message: Box<str>,
+    fields: Box<str>,
+}
+
+impl StoredEvent {
+    fn to_event(&self) -> Event {
+        Event {
+            seq: self.seq,
+            time_ms: self.time_ms,
+            event_id: self.event_id,
+            level: self.level.to_string(),
+            message: self.message.to_string(),
+            fields: serde_json::from_str(&self.fields).unwrap_or(serde_json::Value::Null),
+        }
+    }
 }
 
 impl EventLog {
@@ -72,18 +97,19 @@ impl EventLog {
         message: impl Into<String>,
         fields: serde_json::Value,
     ) {
+        let fields = fields.to_string().into_boxed_str();
         if let Ok(mut guard) = self.inner.lock() {
             let (seq, events) = &mut *guard;
             *seq += 1;
             if events.len() == self.capacity {
                 events.pop_front();
             }
-            events.push_back(Event {
+            events.push_back(StoredEvent {
                 seq: *seq,
                 time_ms,
                 event_id,
-                level: level.to_owned(),
-                message: message.into(),
+                level: level.into(),
+                message: message.into().into_boxed_str(),
                 fields,
             });
         }
@@ -102,7 +128,7 @@ impl EventLog {
             .filter(|e| q.event_id.is_none_or(|id| e.event_id == id))
             .filter(|e| q.after.is_none_or(|a| e.seq > a))
             .take(limit)
-            .cloned()
+            .map(StoredEvent::to_event)
             .collect()
     }
 

@@ -10,10 +10,15 @@ use uuid::Uuid;
 use crate::{ActivationRequest, UnixMillis};
 
 /// Hard bound on registered clients, so a flood of invented CMIDs cannot exhaust memory
-/// (about 270 bytes per client). When full, the least recently seen clients make room.
-pub const MAX_CLIENTS: usize = 250_000;
-/// Clients evicted at once when the registry is full (1%), so the scan is amortised.
-const EVICTION_BATCH: usize = MAX_CLIENTS / 100;
+/// (about 280 bytes per client: 20 million is about 5.6 GB; see docs/capacity.md). When
+/// full, the least recently seen clients make room.
+pub const MAX_CLIENTS: usize = 20_000_000;
+
+/// Clients evicted at once when a registry bounded by `max` is full (0.1%), so the scan
+/// that finds them is amortised.
+fn eviction_batch(max: usize) -> usize {
+    (max / 1000).max(1)
+}
 /// Workstation names longer than this (in characters) are cut; the wire allows 63.
 pub const MAX_WORKSTATION_CHARS: usize = 64;
 /// Page size of [`ClientQuery::default`].
@@ -212,6 +217,19 @@ impl Registry {
         count: u32,
         activated: bool,
     ) {
+        self.record_within(list, request, now, count, activated, MAX_CLIENTS);
+    }
+
+    /// [`Registry::record`] with an explicit bound (tests use a small one).
+    pub fn record_within(
+        &mut self,
+        list: Uuid,
+        request: &ActivationRequest,
+        now: UnixMillis,
+        count: u32,
+        activated: bool,
+        max: usize,
+    ) {
         let cmid = request.client_machine_id;
         let previous = request.previous_client_machine_id;
         let moved = if !previous.is_nil() && previous != cmid {
@@ -230,8 +248,8 @@ impl Registry {
             update(r, request, workstation, now, count, activated);
             return;
         }
-        if self.len >= MAX_CLIENTS {
-            self.evict_oldest(EVICTION_BATCH);
+        if self.len >= max {
+            self.evict_oldest(eviction_batch(max));
         }
         let mut record = match moved {
             Some(old) => ClientRecord { cmid, ..old },
@@ -494,21 +512,22 @@ mod tests {
 
     #[test]
     fn full_registry_evicts_least_recently_seen() {
-        // Uses the real bound: fill it, then one more.
+        // A bound of 50,000 (eviction batch 50): fill it, then one more.
+        const MAX: usize = 50_000;
         let mut reg = Registry::default();
         let req = request(0);
-        for i in 0..MAX_CLIENTS as u128 {
+        for i in 0..MAX as u128 {
             let mut r = req.clone();
             r.client_machine_id = Uuid::from_u128(i + 1);
-            reg.record(list(1), &r, T0 + i as u64, 1, false);
+            reg.record_within(list(1), &r, T0 + i as u64, 1, false, MAX);
         }
-        assert_eq!(reg.len(), MAX_CLIENTS);
+        assert_eq!(reg.len(), MAX);
         let mut r = req.clone();
         r.client_machine_id = Uuid::from_u128(u128::MAX);
-        reg.record(list(1), &r, T0 + MAX_CLIENTS as u64, 1, false);
-        assert_eq!(reg.len(), MAX_CLIENTS - EVICTION_BATCH + 1);
-        // The oldest batch (CMIDs 1..=EVICTION_BATCH) went, the rest stayed.
-        let batch = EVICTION_BATCH as u128;
+        reg.record_within(list(1), &r, T0 + MAX as u64, 1, false, MAX);
+        assert_eq!(reg.len(), MAX - eviction_batch(MAX) + 1);
+        // The oldest batch (CMIDs 1..=batch) went, the rest stayed.
+        let batch = eviction_batch(MAX) as u128;
         assert!(reg.get(&list(1), &Uuid::from_u128(1)).is_none());
         assert!(reg.get(&list(1), &Uuid::from_u128(batch)).is_none());
         assert!(reg.get(&list(1), &Uuid::from_u128(batch + 1)).is_some());

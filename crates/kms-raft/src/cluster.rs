@@ -162,7 +162,7 @@ struct Pending {
 
 const QUEUE_PREFIX: &str = "queue/";
 /// Batches committed concurrently by one node (pipelining).
-const IN_FLIGHT_BATCHES: usize = 8;
+const IN_FLIGHT_BATCHES: usize = 1;
 
 /// Shared by the handle, the batcher, the gRPC service and background tasks.
 pub struct ClusterInner {

@@ -68,8 +68,8 @@ impl StateMachineStore {
         self.applied.subscribe()
     }
 
-    /// Writes the current state as the snapshot file and returns its bytes and meta.
-    async fn write_current(&self) -> Result<(SnapshotMeta, Vec<u8>), StorageError> {
+    /// Writes the current state as the snapshot file and returns its meta and size.
+    async fn write_current(&self) -> Result<(SnapshotMeta, u64), StorageError> {
         // The read lock keeps `applied` and the state consistent while streaming.
         let guard = self.state.clone().read_owned().await;
         let applied = self.applied.borrow().clone();
@@ -86,44 +86,68 @@ impl StateMachineStore {
             postcard::to_allocvec(&meta).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         let storage = self.storage.clone();
         let started = std::time::Instant::now();
-        let body = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+        let size = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+            let mut counter = CountingWriter::default();
             storage
                 .write_snapshot(&meta_bytes, &mut |out| {
+                    let mut tee = Tee {
+                        inner: out,
+                        counter: &mut counter,
+                    };
                     guard
-                        .write_snapshot(out)
+                        .write_snapshot(&mut tee)
                         .map_err(|e| std::io::Error::other(e.to_string()))
                 })
                 .map_err(|e| e.to_string())?;
             drop(guard);
-            // Read back what is on disk: the bytes sent to followers are exactly the file.
-            storage
-                .read_snapshot()
-                .map_err(|e| e.to_string())?
-                .map(|(_, body)| body)
-                .ok_or_else(|| "snapshot vanished after writing".to_owned())
+            Ok(counter.0)
         })
         .await
         .map_err(|e| StorageIOError::write_snapshot(None, &e))?
         .map_err(|e| StorageIOError::write_snapshot(None, openraft::AnyError::error(e)))?;
         metrics::histogram!("kms_snapshot_duration_seconds")
             .record(started.elapsed().as_secs_f64());
-        metrics::gauge!("kms_snapshot_size_bytes").set(body.len() as f64);
+        metrics::gauge!("kms_snapshot_size_bytes").set(size as f64);
         tracing::info!(
             snapshot = %meta.snapshot_id,
-            bytes = body.len(),
+            bytes = size,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "snapshot written"
         );
-        Ok((meta, body))
+        Ok((meta, size))
+    }
+}
+
+/// Counts the bytes of the streamed state.
+#[derive(Default)]
+struct CountingWriter(u64);
+
+struct Tee<'a> {
+    inner: &'a mut dyn std::io::Write,
+    counter: &'a mut CountingWriter,
+}
+
+impl std::io::Write for Tee<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.counter.0 += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (meta, body) = self.write_current().await?;
+        let (meta, _size) = self.write_current().await?;
+        // openraft 0.9 keeps only the meta of a snapshot it had built; followers get the
+        // bytes from `get_current_snapshot`, which reads the file. Not loading a second copy
+        // of the state here keeps the resident size down.
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(body)),
+            snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
 }

@@ -192,12 +192,25 @@ async fn a_new_leader_takes_over_and_no_acknowledged_activation_is_lost() {
         failover < Duration::from_secs(5),
         "failover took {failover:?}"
     );
-    // Every acknowledged CMID is in the registry of both survivors.
+    // Every acknowledged CMID is in the registry of both survivors. An entry is acknowledged
+    // once a majority has it, so the lagging survivor may receive it only from the new leader.
     for n in &survivors {
-        let state = n.cluster.state();
-        let state = state.read().await;
-        for cmid in &acked {
-            assert!(!state.client(cmid).is_empty(), "node {} lost {cmid}", n.id);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let state = n.cluster.state();
+            let missing: Vec<Uuid> = {
+                let state = state.read().await;
+                acked
+                    .iter()
+                    .filter(|c| state.client(c).is_empty())
+                    .copied()
+                    .collect()
+            };
+            if missing.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {} lost {missing:?}", n.id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     // And the survivors keep committing.

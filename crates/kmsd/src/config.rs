@@ -30,7 +30,7 @@ pub struct Cli {
     pub command: Option<Subcommand>,
 
     /// TOML configuration file.
-    #[arg(long, env = "KMSD_CONFIG", value_name = "FILE")]
+    #[arg(global = true, long, env = "KMSD_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
     /// KMS listen address, repeatable [kms.listen] (default 0.0.0.0:1688 and [::]:1688).
@@ -43,28 +43,38 @@ pub struct Cli {
     pub kms_listen: Vec<SocketAddr>,
 
     /// Directory of the durable state [node.data_dir] (default ./kmsd-data).
-    #[arg(long, env = "KMSD_DATA_DIR", value_name = "DIR")]
+    #[arg(global = true, long, env = "KMSD_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
     /// Node id within the cluster, >= 1 [node.id] (default 1).
-    #[arg(long, env = "KMSD_NODE_ID", value_name = "N")]
+    #[arg(global = true, long, env = "KMSD_NODE_ID", value_name = "N")]
     pub node_id: Option<u64>,
 
     /// Admin HTTP listen address: /healthz, /metrics [admin.listen] (default 127.0.0.1:8688).
-    #[arg(long, env = "KMSD_ADMIN_LISTEN", value_name = "ADDR")]
+    #[arg(global = true, long, env = "KMSD_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
 
     /// Raft listen address [raft.listen] (default 127.0.0.1:7688; used by the cluster mode).
-    #[arg(long, env = "KMSD_RAFT_LISTEN", value_name = "ADDR")]
+    #[arg(global = true, long, env = "KMSD_RAFT_LISTEN", value_name = "ADDR")]
     pub raft_listen: Option<SocketAddr>,
 
     /// Address peers use to reach this node's Raft listener [raft.advertise] (default: --raft-listen).
-    #[arg(long, env = "KMSD_RAFT_ADVERTISE", value_name = "HOST:PORT")]
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_RAFT_ADVERTISE",
+        value_name = "HOST:PORT"
+    )]
     pub raft_advertise: Option<String>,
 
     /// Address operators and joining nodes use for this node's admin API [admin.advertise]
     /// (default: --admin-listen).
-    #[arg(long, env = "KMSD_ADMIN_ADVERTISE", value_name = "HOST:PORT")]
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_ADMIN_ADVERTISE",
+        value_name = "HOST:PORT"
+    )]
     pub admin_advertise: Option<String>,
 
     /// Bearer token of the admin API; also sent when joining a cluster [admin.token].
@@ -79,56 +89,82 @@ pub struct Cli {
     /// Separate listener for /healthz, /readyz and /metrics only, e.g. for a Prometheus on
     /// another network than operators [admin.metrics_listen] (default: none; they are always
     /// on --admin-listen too).
-    #[arg(long, env = "KMSD_METRICS_LISTEN", value_name = "ADDR")]
+    #[arg(global = true, long, env = "KMSD_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
 
     /// PEM certificate of this node for mutual TLS between nodes [raft.tls.cert].
-    #[arg(long, env = "KMSD_RAFT_TLS_CERT", value_name = "FILE", requires_all = ["raft_tls_key", "raft_tls_ca"])]
+    #[arg(global = true, long, env = "KMSD_RAFT_TLS_CERT", value_name = "FILE", requires_all = ["raft_tls_key", "raft_tls_ca"])]
     pub raft_tls_cert: Option<PathBuf>,
 
     /// PEM private key of this node [raft.tls.key].
-    #[arg(long, env = "KMSD_RAFT_TLS_KEY", value_name = "FILE")]
+    #[arg(global = true, long, env = "KMSD_RAFT_TLS_KEY", value_name = "FILE")]
     pub raft_tls_key: Option<PathBuf>,
 
     /// PEM CA certificate that signed every node's certificate [raft.tls.ca].
-    #[arg(long, env = "KMSD_RAFT_TLS_CA", value_name = "FILE")]
+    #[arg(global = true, long, env = "KMSD_RAFT_TLS_CA", value_name = "FILE")]
     pub raft_tls_ca: Option<PathBuf>,
 
     /// Name every node certificate carries (SAN) [raft.tls.server_name] (default kmsd).
-    #[arg(long, env = "KMSD_RAFT_TLS_SERVER_NAME", value_name = "NAME")]
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_RAFT_TLS_SERVER_NAME",
+        value_name = "NAME"
+    )]
     pub raft_tls_server_name: Option<String>,
 
     /// Milliseconds a client waits for a commit before the node answers from its last
     /// committed state (no quorum) [raft.answer_deadline_ms] (default 2500).
-    #[arg(long, env = "KMSD_ANSWER_DEADLINE_MS", value_name = "MS")]
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_ANSWER_DEADLINE_MS",
+        value_name = "MS"
+    )]
     pub answer_deadline_ms: Option<u64>,
 
     /// Host name clients use for this node; the SRV target published in DNS [node.advertise_host].
-    #[arg(long, env = "KMSD_ADVERTISE_HOST", value_name = "HOST")]
+    #[arg(global = true, long, env = "KMSD_ADVERTISE_HOST", value_name = "HOST")]
     pub advertise_host: Option<String>,
 
     /// KMS port clients use for this node [node.advertise_port] (default: the first --kms-listen port).
-    #[arg(long, env = "KMSD_ADVERTISE_PORT", value_name = "PORT")]
+    #[arg(global = true, long, env = "KMSD_ADVERTISE_PORT", value_name = "PORT")]
     pub advertise_port: Option<u16>,
 
     /// Admin URL of a cluster member to join, repeatable [raft.join] (cluster mode).
-    #[arg(long, env = "KMSD_JOIN", value_name = "URL", value_delimiter = ',')]
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_JOIN",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
     pub join: Vec<String>,
 
     /// Most concurrent KMS connections; extra clients are refused [kms.max_connections] (default 10000).
-    #[arg(long, env = "KMSD_MAX_CONNECTIONS", value_name = "N")]
+    #[arg(global = true, long, env = "KMSD_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
 
     /// Seconds a KMS connection may stay idle or take to deliver one PDU [kms.idle_timeout_secs] (default 30).
-    #[arg(long, env = "KMSD_IDLE_TIMEOUT_SECS", value_name = "SECS")]
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_IDLE_TIMEOUT_SECS",
+        value_name = "SECS"
+    )]
     pub idle_timeout_secs: Option<u64>,
 
     /// Largest accepted DCE/RPC fragment in bytes [kms.max_pdu_size] (default 4096).
-    #[arg(long, env = "KMSD_MAX_PDU_SIZE", value_name = "BYTES")]
+    #[arg(global = true, long, env = "KMSD_MAX_PDU_SIZE", value_name = "BYTES")]
     pub max_pdu_size: Option<usize>,
 
     /// Most PDUs one connection may send before it is closed [kms.max_pdus_per_connection] (default 1000).
-    #[arg(long, env = "KMSD_MAX_PDUS_PER_CONNECTION", value_name = "N")]
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_MAX_PDUS_PER_CONNECTION",
+        value_name = "N"
+    )]
     pub max_pdus_per_connection: Option<u64>,
 
     /// Client networks allowed to connect, repeatable; empty = all [kms.allow_networks].
@@ -141,35 +177,45 @@ pub struct Cli {
     pub allow_networks: Vec<IpNet>,
 
     /// Offer NDR64 in bind negotiation like a modern Windows host [kms.ndr64] (default true).
-    #[arg(long, env = "KMSD_NDR64", value_name = "BOOL")]
+    #[arg(global = true, long, env = "KMSD_NDR64", value_name = "BOOL")]
     pub ndr64: Option<bool>,
 
     /// Answer bind-time feature negotiation [kms.btfn] (default true).
-    #[arg(long, env = "KMSD_BTFN", value_name = "BOOL")]
+    #[arg(global = true, long, env = "KMSD_BTFN", value_name = "BOOL")]
     pub btfn: Option<bool>,
 
     /// Write a state snapshot and compact the log every N entries [storage.snapshot_every] (default 10000).
-    #[arg(long, env = "KMSD_SNAPSHOT_EVERY", value_name = "N")]
+    #[arg(global = true, long, env = "KMSD_SNAPSHOT_EVERY", value_name = "N")]
     pub snapshot_every: Option<u64>,
 
     /// Log entries kept behind a snapshot for lagging followers [storage.snapshot_keep_logs] (default 1000).
-    #[arg(long, env = "KMSD_SNAPSHOT_KEEP_LOGS", value_name = "N")]
+    #[arg(global = true, long, env = "KMSD_SNAPSHOT_KEEP_LOGS", value_name = "N")]
     pub snapshot_keep_logs: Option<u64>,
 
     /// Most activations committed by one flush (group commit) [storage.group_commit_max] (default 512).
-    #[arg(long, env = "KMSD_GROUP_COMMIT_MAX", value_name = "N")]
+    #[arg(global = true, long, env = "KMSD_GROUP_COMMIT_MAX", value_name = "N")]
     pub group_commit_max: Option<usize>,
 
     /// Minutes a failed client waits before retrying [policy.activation_interval] (15..=43200, default 120).
-    #[arg(long, env = "KMSD_ACTIVATION_INTERVAL", value_name = "MIN")]
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_ACTIVATION_INTERVAL",
+        value_name = "MIN"
+    )]
     pub activation_interval: Option<u32>,
 
     /// Minutes between renewals [policy.renewal_interval] (15..=43200, default 10080).
-    #[arg(long, env = "KMSD_RENEWAL_INTERVAL", value_name = "MIN")]
+    #[arg(global = true, long, env = "KMSD_RENEWAL_INTERVAL", value_name = "MIN")]
     pub renewal_interval: Option<u32>,
 
     /// Product policy: open (any KMS id) or strict (only licensed CSVLKs) [policy.product_policy].
-    #[arg(long, env = "KMSD_PRODUCT_POLICY", value_name = "open|strict")]
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_PRODUCT_POLICY",
+        value_name = "open|strict"
+    )]
     pub product_policy: Option<ProductPolicyArg>,
 
     /// Licensed CSVLK ids, repeatable [policy.licensed_csvlks] (see `kmsctl products`).
@@ -183,19 +229,29 @@ pub struct Cli {
 
     /// Refuse clients whose clock is off by more than this many minutes (0xC004F06C); 0 = off
     /// [policy.max_clock_skew_minutes] (a genuine host uses 240 when enabled).
-    #[arg(long, env = "KMSD_MAX_CLOCK_SKEW_MINUTES", value_name = "MIN")]
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_MAX_CLOCK_SKEW_MINUTES",
+        value_name = "MIN"
+    )]
     pub max_clock_skew_minutes: Option<u32>,
 
     /// Days a client stays in the registry after it was last seen [policy.registry_retention_days] (default 180).
-    #[arg(long, env = "KMSD_REGISTRY_RETENTION_DAYS", value_name = "DAYS")]
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_REGISTRY_RETENTION_DAYS",
+        value_name = "DAYS"
+    )]
     pub registry_retention_days: Option<u32>,
 
     /// Log format: text or json [log.format] (default text).
-    #[arg(long, env = "KMSD_LOG_FORMAT", value_name = "text|json")]
+    #[arg(global = true, long, env = "KMSD_LOG_FORMAT", value_name = "text|json")]
     pub log_format: Option<LogFormat>,
 
     /// Log filter, e.g. info or kmsd=debug [log.level] (default info; RUST_LOG also works).
-    #[arg(long, env = "KMSD_LOG_LEVEL", value_name = "FILTER")]
+    #[arg(global = true, long, env = "KMSD_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
 }
 

@@ -30,6 +30,20 @@ pub fn init_logging(config: &Config) {
     };
 }
 
+/// How often freed heap memory is handed back to the system.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// glibc keeps freed memory of its per-thread arenas (snapshots and bursts of activations
+/// leave large free regions behind); returning it keeps the resident size near the live
+/// state.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// How often expired registry entries and CMIDs are dropped.
 const EXPIRE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -253,6 +267,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
 
+    let mut trim_shutdown = shutdown_rx.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TRIM_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => release_free_memory(),
+                _ = trim_shutdown.changed() => return,
+            }
+        }
+    });
+
     let expire_engine = engine.clone();
     let mut expire_shutdown = shutdown_rx.clone();
     let expire_task = tokio::spawn(async move {
@@ -354,6 +379,10 @@ pub async fn healthcheck(url: &str, timeout_secs: u64) -> std::process::ExitCode
 }
 
 fn open_offline(config: &Config) -> Result<SledStorage, String> {
+    let dir = config.data_dir.join("state");
+    if !dir.is_dir() {
+        return Err(format!("{} holds no kmsd state", config.data_dir.display()));
+    }
     SledStorage::open(&config.data_dir.join("state")).map_err(|e| {
         format!(
             "cannot open {} (is kmsd still running on it?): {e}",

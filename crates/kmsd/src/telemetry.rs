@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::engine::wall_clock_ms;
 
 /// Events kept by a node (oldest dropped first); about 500 bytes each.
-pub const EVENT_LOG_CAPACITY: usize = 20_000;
+pub const EVENT_LOG_CAPACITY: usize = 5_000;
 
 static EVENT_LOG: OnceLock<Arc<EventLog>> = OnceLock::new();
 
