@@ -19,7 +19,7 @@ WORK=$(mktemp -d)
 declare -A PID
 cleanup() { for p in "${PID[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
-BASE=${BENCH_PORT_BASE:-33000}
+BASE=${BENCH_PORT_BASE:-24000}  # below the ephemeral port range
 kms() { echo "127.0.0.1:$((BASE + $1))"; }
 admin() { echo "127.0.0.1:$((BASE + 100 + $1))"; }
 raft() { echo "127.0.0.1:$((BASE + 200 + $1))"; }

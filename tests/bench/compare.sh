@@ -17,10 +17,10 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-KMSD_PORT=${KMSD_PORT:-31810}
-REF_PORT=${REF_PORT:-31820}
-"$BIN/kmsd" --kms-listen "127.0.0.1:$KMSD_PORT" --admin-listen 127.0.0.1:31811 \
-  --raft-listen 127.0.0.1:31812 --data-dir "$WORK/kmsd" --log-level warn 2>"$WORK/kmsd.log" &
+KMSD_PORT=${KMSD_PORT:-24810}  # fixed ports stay below the ephemeral range
+REF_PORT=${REF_PORT:-24820}
+"$BIN/kmsd" --kms-listen "127.0.0.1:$KMSD_PORT" --admin-listen 127.0.0.1:24811 \
+  --raft-listen 127.0.0.1:24812 --data-dir "$WORK/kmsd" --log-level warn 2>"$WORK/kmsd.log" &
 pids+=($!); KMSD_PID=$!
 if [ -n "${VLMCSD:-}" ]; then
   "$VLMCSD" -D -L "127.0.0.1:$REF_PORT" -N1 -B1 -m 1000 -t 30 >"$WORK/ref.log" 2>&1 &
@@ -64,7 +64,7 @@ echo "Paced at half of peak ($half req/s, 64 clients, keep-alive): p50 $(field "
 # Resident memory with 100,000 registered clients.
 "$BIN/kmsctl" bench --server "127.0.0.1:$KMSD_PORT" --concurrency 64 --requests 100000 \
   --duration-secs 300 --json >/dev/null
-clients=$(curl -s "http://127.0.0.1:31811/metrics" | awk '/^kms_registered_clients /{print $2}')
+clients=$(curl -s "http://127.0.0.1:24811/metrics" | awk '/^kms_registered_clients /{print $2}')
 rss=$(awk '/VmRSS/{print $2}' "/proc/$KMSD_PID/status")
 du=$(du -sk "$WORK/kmsd" | cut -f1)
 echo "Registered clients: $clients; kmsd resident memory: $((rss/1024)) MiB; data dir: $((du/1024)) MiB"

@@ -118,7 +118,16 @@ pub async fn serve(
             .tls_config(tls.server)
             .map_err(|e| format!("raft TLS: {e}"))?;
     }
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // tonic applies TCP_NODELAY only to listeners it binds itself; without it, small gRPC
+    // answers wait for delayed ACKs (tens of milliseconds per forwarded batch).
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |stream| {
+            stream.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        },
+    );
     builder
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)

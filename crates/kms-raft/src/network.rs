@@ -76,6 +76,9 @@ pub struct Transport {
     pub tls: Option<Tls>,
     pub cluster_id: SharedClusterId,
     pub connect_timeout: Duration,
+    /// One HTTP/2 channel per peer, reused by every forwarded call (a new connection per call
+    /// would cost a TCP and HTTP/2 handshake on the activation path).
+    pub channels: Arc<std::sync::Mutex<std::collections::HashMap<String, Channel>>>,
 }
 
 impl Transport {
@@ -109,6 +112,20 @@ impl Transport {
         request
     }
 
+    /// The cached channel to `addr`, created on first use.
+    fn shared_channel(&self, addr: &str) -> Result<Channel, String> {
+        let mut cache = self
+            .channels
+            .lock()
+            .map_err(|_| "channel cache lock poisoned".to_owned())?;
+        if let Some(c) = cache.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = self.channel(addr)?;
+        cache.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
     /// Forwards a call to the node at `raft_addr` (normally the leader).
     pub async fn forward(
         &self,
@@ -116,7 +133,7 @@ impl Transport {
         call: &ForwardCall,
         timeout: Duration,
     ) -> Result<ForwardReply, String> {
-        let channel = self.channel(raft_addr)?;
+        let channel = self.shared_channel(raft_addr)?;
         let mut client = RaftClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
