@@ -163,6 +163,10 @@ struct Pending {
 }
 
 const QUEUE_PREFIX: &str = "queue/";
+/// How long a joining node may take to replicate the log (or install the snapshot) before
+/// the join is given up.
+const LEARNER_CATCH_UP: Duration = Duration::from_secs(120);
+
 /// Batches committed concurrently by one node (pipelining).
 const IN_FLIGHT_BATCHES: usize = 1;
 
@@ -798,10 +802,37 @@ impl ClusterInner {
                     }
                 }
                 tracing::info!(node_id, %node, "adding a learner; waiting for it to catch up");
-                self.raft
+                let added = self
+                    .raft
                     .add_learner(node_id, node, true)
                     .await
                     .map_err(|e| ClusterError::Unavailable(format!("add learner: {e}")))?;
+                // A membership change does not need the new node, so make sure it really
+                // replicates (reachable, same cluster, TLS accepted) before it may vote.
+                let target = added.log_id.index;
+                let deadline = Instant::now() + LEARNER_CATCH_UP;
+                loop {
+                    let matched = self
+                        .raft
+                        .metrics()
+                        .borrow()
+                        .replication
+                        .as_ref()
+                        .and_then(|r| r.get(&node_id).copied().flatten())
+                        .map(|l| l.index);
+                    if matched.is_some_and(|m| m >= target) {
+                        break;
+                    }
+                    if Instant::now() >= deadline {
+                        let _ = self
+                            .change(ChangeMembers::RemoveNodes(BTreeSet::from([node_id])))
+                            .await;
+                        return Err(ClusterError::Unavailable(format!(
+                            "node {node_id} did not catch up within {LEARNER_CATCH_UP:?} (unreachable, TLS or cluster id refused?); not added"
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 self.change(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])))
                     .await?;
                 tracing::info!(node_id, "node is now a voter");
