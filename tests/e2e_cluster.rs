@@ -7,44 +7,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kms_tests::{binary, http_request, Node};
-use kms_wire::client::BindOptions;
-use kmsctl::client::{Answer, KmsClient};
 use kmsctl::products::{resolve, RequestTemplate};
 use serde_json::Value;
 use uuid::Uuid;
 
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-struct Seen {
-    count: u32,
-    epid: String,
-    hwid: Option<[u8; 8]>,
-}
-
-async fn activate(node: &Node, cmid: Uuid) -> Seen {
+async fn activate(node: &Node, cmid: Uuid) -> kms_tests::Seen {
     let t = RequestTemplate::new(resolve("windows").unwrap());
-    let mut c = KmsClient::connect(&node.kms(), BindOptions::default(), TIMEOUT)
-        .await
-        .unwrap();
-    match c
-        .activate(&t.build(cmid, now_ms()), rand::random())
-        .await
-        .unwrap()
-    {
-        Answer::Activated(r) => Seen {
-            count: r.base.current_count,
-            epid: r.base.epid,
-            hwid: r.hwid,
-        },
-        Answer::Refused(hr) => panic!("refused 0x{hr:08X}"),
-    }
+    kms_tests::activate_with(node, &t, cmid).await
 }
 
 fn cluster_json(node: &Node) -> Value {

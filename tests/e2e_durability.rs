@@ -17,28 +17,8 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-struct Seen {
-    count: u32,
-    epid: String,
-    hwid: Option<[u8; 8]>,
-}
-
-async fn activate(node: &Node, t: &RequestTemplate, cmid: Uuid) -> Seen {
-    let mut c = KmsClient::connect(&node.kms(), BindOptions::default(), TIMEOUT)
-        .await
-        .unwrap();
-    match c
-        .activate(&t.build(cmid, now_ms()), rand::random())
-        .await
-        .unwrap()
-    {
-        Answer::Activated(r) => Seen {
-            count: r.base.current_count,
-            epid: r.base.epid,
-            hwid: r.hwid,
-        },
-        Answer::Refused(hr) => panic!("refused 0x{hr:08X}"),
-    }
+async fn activate(node: &Node, t: &RequestTemplate, cmid: Uuid) -> kms_tests::Seen {
+    kms_tests::activate_with(node, t, cmid).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,7 +127,19 @@ impl Node {
 
     /// GET an admin path and parse the JSON body.
     pub fn get_json(&self, path: &str) -> serde_json::Value {
-        let (status, body) = http_get(self.admin_addr, path).expect("admin reachable");
+        // A loaded CI machine may be slow to accept; retry briefly before failing.
+        let mut attempt = 0;
+        let (status, body) = loop {
+            match http_get(self.admin_addr, path) {
+                Ok(answer) => break answer,
+                Err(e) if attempt < 10 => {
+                    attempt += 1;
+                    eprintln!("GET {path}: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("admin API of {} unreachable: {e}", self.admin_addr),
+            }
+        };
         assert_eq!(status, 200, "GET {path}: {body}");
         serde_json::from_str(&body).expect("JSON body")
     }
@@ -211,7 +223,7 @@ pub fn http_request(
     path: &str,
     json_body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     let body = json_body.unwrap_or("");
     write!(
@@ -240,4 +252,49 @@ pub fn metric_value(metrics: &str, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// What a verified activation answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub count: u32,
+    pub epid: String,
+    pub hwid: Option<[u8; 8]>,
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One activation of product `t` with `cmid` on a new connection to `node`; panics on a
+/// refusal or a failed verification.
+pub async fn activate_with(
+    node: &Node,
+    t: &kmsctl::products::RequestTemplate,
+    cmid: uuid::Uuid,
+) -> Seen {
+    use kmsctl::client::{Answer, KmsClient};
+    let mut c = KmsClient::connect(
+        &node.kms(),
+        kms_wire::client::BindOptions::default(),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("connect and bind");
+    match c
+        .activate(&t.build(cmid, now_ms()), rand::random())
+        .await
+        .expect("verified answer")
+    {
+        Answer::Activated(r) => Seen {
+            count: r.base.current_count,
+            epid: r.base.epid,
+            hwid: r.hwid,
+        },
+        Answer::Refused(hr) => panic!("refused 0x{hr:08X}"),
+    }
 }

@@ -74,19 +74,7 @@ pub fn dns_publish(zone: &str, server: &str, result: Result<u32, &str>) {
     }
 }
 
-/// Names of the license states a client reports (slmgr /dlv wording).
-pub fn license_status_name(status: u32) -> &'static str {
-    match status {
-        0 => "unlicensed",
-        1 => "licensed",
-        2 => "initial_grace",
-        3 => "out_of_tolerance_grace",
-        4 => "non_genuine_grace",
-        5 => "notification",
-        6 => "extended_grace",
-        _ => "other",
-    }
-}
+pub use kms_admin::names::license_status_name;
 
 fn application_name(id: &uuid::Uuid) -> &'static str {
     kms_catalog::catalog()
