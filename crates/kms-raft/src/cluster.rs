@@ -183,6 +183,8 @@ pub struct ClusterInner {
     /// Requests answered provisionally and not yet committed: (queue key, request).
     queue: Mutex<Vec<(String, ActivationRequest)>>,
     queue_seq: AtomicU64,
+    /// Membership changes run one at a time (two joins at once would collide in Raft).
+    membership_lock: tokio::sync::Mutex<()>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -274,6 +276,7 @@ impl Cluster {
             batches: batch_tx,
             queue: Mutex::new(queue),
             queue_seq: AtomicU64::new(next_seq),
+            membership_lock: tokio::sync::Mutex::new(()),
             shutdown: shutdown_tx,
         });
 
@@ -780,6 +783,7 @@ impl ClusterInner {
     }
 
     async fn membership_local(&self, call: ForwardCall) -> Result<(), ClusterError> {
+        let _one_at_a_time = self.membership_lock.lock().await;
         let metrics = self.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -863,16 +867,23 @@ impl ClusterInner {
     }
 
     async fn change(&self, change: ChangeMembers<NodeId, KmsNode>) -> Result<(), ClusterError> {
-        self.raft
-            .change_membership(change, false)
-            .await
-            .map(|_| ())
-            .map_err(|e| match e {
-                RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
-                    ClusterError::Conflict(c.to_string())
+        // A previous change may still be committing (joint consensus): wait for it.
+        let mut attempts = 0;
+        loop {
+            match self.raft.change_membership(change.clone(), false).await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    openraft::error::ChangeMembershipError::InProgress(_),
+                ))) if attempts < 50 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                other => ClusterError::Unavailable(other.to_string()),
-            })
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(c))) => {
+                    return Err(ClusterError::Conflict(c.to_string()))
+                }
+                Err(other) => return Err(ClusterError::Unavailable(other.to_string())),
+            }
+        }
     }
 
     /// Handles a call forwarded by another node.

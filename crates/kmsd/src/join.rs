@@ -65,7 +65,7 @@ pub async fn join_cluster(engine: &Engine, config: &Config) -> anyhow::Result<()
                     let status = response.status();
                     let text = response.text().await.unwrap_or_default();
                     // A wrong token or a refused request will not fix itself.
-                    if matches!(status.as_u16(), 400 | 401 | 403 | 404 | 409) {
+                    if matches!(status.as_u16(), 400 | 401 | 403 | 404) {
                         anyhow::bail!("join via {endpoint} refused: {status} {text}");
                     }
                     tracing::warn!(via = %endpoint, %status, body = %text, "join not accepted yet; retrying");
