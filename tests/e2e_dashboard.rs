@@ -95,12 +95,11 @@ async fn activate(node: &Node, product: &str, n: usize, workstation: &str) {
         .await
         .unwrap();
     for _ in 0..n {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
         match c
-            .activate(&t.build(Uuid::new_v4(), now), rand::random())
+            .activate(
+                &t.build(Uuid::new_v4(), kms_tests::now_ms()),
+                rand::random(),
+            )
             .await
             .unwrap()
         {

@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use bind::Bind;
 use kms_tests::{http_get, metric_value, Node};
-use kms_wire::client::BindOptions;
-use kmsctl::client::{Answer, KmsClient};
 use kmsctl::products::{resolve, RequestTemplate};
 use uuid::Uuid;
 
@@ -214,20 +212,11 @@ async fn a_refused_update_is_reported_and_activations_go_on() {
     assert!(dns.srv().is_empty(), "nothing published with a wrong key");
     // Activations are unaffected.
     let t = RequestTemplate::new(resolve("windows").unwrap());
-    let mut c = KmsClient::connect(&node.kms(), BindOptions::default(), Duration::from_secs(5))
-        .await
-        .unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    match c
-        .activate(&t.build(Uuid::new_v4(), now), rand::random())
-        .await
-        .unwrap()
-    {
-        Answer::Activated(r) => assert_eq!(r.base.current_count, 1),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        kms_tests::activate_with(&node, &t, Uuid::new_v4())
+            .await
+            .count,
+        1
+    );
     assert!(node.log().contains("NOTAUTH"), "the failure is logged");
 }

@@ -578,23 +578,29 @@ impl ClusterInner {
         }
     }
 
+    /// Hands `call` to the current leader over the `Forward` RPC.
+    async fn forward_to_leader(
+        &self,
+        call: &ForwardCall,
+        timeout: Duration,
+    ) -> Result<ForwardReply, ClusterError> {
+        let Some((_, leader)) = self.leader() else {
+            return Err(ClusterError::Unavailable("no leader known".into()));
+        };
+        self.transport
+            .forward(&leader.raft_addr, call, timeout)
+            .await
+            .map_err(ClusterError::Unavailable)
+    }
+
     /// Commits `command` as one log entry on the leader (forwarding when not leader).
     async fn propose(&self, command: Command) -> Result<CommandResult, ClusterError> {
         if self.is_leader() {
             return self.write_local(command).await;
         }
-        let Some((_, leader)) = self.leader() else {
-            return Err(ClusterError::Unavailable("no leader known".into()));
-        };
         match self
-            .transport
-            .forward(
-                &leader.raft_addr,
-                &ForwardCall::Command(command),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(ClusterError::Unavailable)?
+            .forward_to_leader(&ForwardCall::Command(command), Duration::from_secs(10))
+            .await?
         {
             ForwardReply::Command(result) => Ok(result),
             ForwardReply::Error(e) => Err(e.into()),
@@ -641,18 +647,12 @@ impl ClusterInner {
                 }
             }
         } else {
-            let Some((_, leader)) = self.leader() else {
-                return Err(ClusterError::Unavailable("no leader known".into()));
-            };
             match self
-                .transport
-                .forward(
-                    &leader.raft_addr,
+                .forward_to_leader(
                     &ForwardCall::Activate(requests),
                     self.config.answer_deadline,
                 )
-                .await
-                .map_err(ClusterError::Unavailable)?
+                .await?
             {
                 ForwardReply::Activations(outcomes) => outcomes,
                 ForwardReply::Error(e) => return Err(e.into()),
@@ -765,14 +765,9 @@ impl ClusterInner {
         if self.is_leader() {
             return self.membership_local(call).await;
         }
-        let Some((_, leader)) = self.leader() else {
-            return Err(ClusterError::Unavailable("no leader known".into()));
-        };
         match self
-            .transport
-            .forward(&leader.raft_addr, &call, Duration::from_secs(300))
-            .await
-            .map_err(ClusterError::Unavailable)?
+            .forward_to_leader(&call, Duration::from_secs(300))
+            .await?
         {
             ForwardReply::Done => Ok(()),
             ForwardReply::Error(e) => Err(e.into()),
