@@ -2,7 +2,7 @@
 
 use kms_catalog::catalog;
 use kms_core::policy::ProductPolicy;
-use kms_core::registry::ClientRecord;
+use kms_core::registry::{ClientRecord, ClientRef};
 use kms_core::{Command, CommandResult, HostIdentity, Policy, State};
 use uuid::Uuid;
 
@@ -150,17 +150,19 @@ pub struct ClientFilter {
     pub limit: usize,
 }
 
-fn client_matches(f: &ClientFilter, r: &ClientRecord) -> bool {
-    f.application.is_none_or(|a| r.application_id == a)
+fn client_matches(f: &ClientFilter, r: &ClientRef<'_>) -> bool {
+    let product = r.product();
+    f.application
+        .is_none_or(|a| product.application_id == a)
         && f.product
-            .is_none_or(|p| p.matches(&r.sku_id, &r.kms_counted_id))
-        && f.since.is_none_or(|t| r.last_seen >= t)
+            .is_none_or(|p| p.matches(&product.sku_id, &product.kms_counted_id))
+        && f.since.is_none_or(|t| r.last_seen() >= t)
         && f.search.as_deref().is_none_or(|q| {
-            r.workstation.to_lowercase().contains(q)
-                || r.cmid.to_string().contains(q)
-                || r.last_address
+            r.workstation().to_lowercase().contains(q)
+                || r.cmid().to_string().contains(q)
+                || r.last_address()
                     .is_some_and(|a| a.ip().to_string().contains(q))
-                || names::sku_name(&r.sku_id).to_lowercase().contains(q)
+                || names::sku_name(&product.sku_id).to_lowercase().contains(q)
         })
 }
 
@@ -191,24 +193,23 @@ pub fn client_view(r: &ClientRecord) -> ClientView {
 
 /// Registered clients matching `f`, newest first (ties by CMID), paged.
 pub fn query_clients(state: &State, f: &ClientFilter) -> ClientsPage {
-    let mut matching: Vec<&ClientRecord> = state
+    let mut matching: Vec<ClientRef<'_>> = state
         .registry()
         .iter()
-        .map(|(_, r)| r)
         .filter(|r| client_matches(f, r))
         .collect();
     let total = matching.len();
     matching.sort_unstable_by(|a, b| {
-        b.last_seen
-            .cmp(&a.last_seen)
-            .then_with(|| a.cmid.cmp(&b.cmid))
-            .then_with(|| a.application_id.cmp(&b.application_id))
+        b.last_seen()
+            .cmp(&a.last_seen())
+            .then_with(|| a.cmid().cmp(b.cmid()))
+            .then_with(|| a.product().application_id.cmp(&b.product().application_id))
     });
     let clients = matching
         .into_iter()
         .skip(f.offset)
         .take(f.limit)
-        .map(client_view)
+        .map(|r| client_view(&r.to_record()))
         .collect();
     ClientsPage {
         total,
@@ -487,7 +488,7 @@ pub fn products(state: &State, search: Option<&str>, activated: Option<bool>) ->
 
 /// Unix ms of the latest granted activation in the registry (for the idle alert).
 pub fn last_activation_ms(state: &State) -> Option<u64> {
-    state.registry().iter().map(|(_, r)| r.last_seen).max()
+    state.registry().iter().map(|r| r.last_seen()).max()
 }
 
 #[cfg(test)]

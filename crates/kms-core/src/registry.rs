@@ -1,8 +1,11 @@
 //! The client registry: every client that was granted, per application list and CMID, for the
 //! operator's inventory. Unlike the CMID caches it does not influence counts.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use compact_str::CompactString;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -24,7 +27,8 @@ pub const MAX_WORKSTATION_CHARS: usize = 64;
 /// Page size of [`ClientQuery::default`].
 pub const DEFAULT_PAGE_LIMIT: usize = 100;
 
-/// What the registry remembers about one client of one application list.
+/// What the registry remembers about one client of one application list (the readers' view;
+/// the registry stores it in a compact form).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientRecord {
     pub cmid: Uuid,
@@ -37,6 +41,7 @@ pub struct ClientRecord {
     pub license_status: u32,
     /// KMS protocol (major, minor) of the latest request.
     pub protocol: (u16, u16),
+    /// Address of the latest request (an IPv6 scope id or flow label is not kept).
     pub last_address: Option<SocketAddr>,
     pub is_vm: bool,
     pub first_seen: UnixMillis,
@@ -77,11 +82,12 @@ impl Default for ClientQuery {
 }
 
 impl ClientQuery {
-    fn matches(&self, r: &ClientRecord) -> bool {
-        self.application_id.is_none_or(|id| r.application_id == id)
-            && self.kms_counted_id.is_none_or(|id| r.kms_counted_id == id)
-            && self.sku_id.is_none_or(|id| r.sku_id == id)
-            && self.since.is_none_or(|t| r.last_seen >= t)
+    fn matches(&self, c: &ClientRef<'_>) -> bool {
+        let p = c.product();
+        self.application_id.is_none_or(|id| p.application_id == id)
+            && self.kms_counted_id.is_none_or(|id| p.kms_counted_id == id)
+            && self.sku_id.is_none_or(|id| p.sku_id == id)
+            && self.since.is_none_or(|t| c.last_seen() >= t)
     }
 }
 
@@ -93,42 +99,347 @@ pub struct ClientPage {
     pub clients: Vec<ClientRecord>,
 }
 
+/// The product a client asked for: shared by thousands of clients, so stored once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ProductKey {
+    pub application_id: Uuid,
+    pub sku_id: Uuid,
+    pub kms_counted_id: Uuid,
+}
+
+/// Values shared by many clients (products, DNS suffixes of workstation names), stored once
+/// and referred to by slot number. Reference-counted so the values of departed clients go
+/// away; the lowest free slot is reused first, so slot numbers depend only on the commands
+/// applied (every replica has the same layout).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Interner<K: Ord> {
+    /// Value and reference count of each slot; `None` is free.
+    slots: Vec<Option<(K, u32)>>,
+    index: BTreeMap<K, u32>,
+    free: BTreeSet<u32>,
+}
+
+impl<K: Ord> Default for Interner<K> {
+    fn default() -> Self {
+        Self {
+            slots: Vec::new(),
+            index: BTreeMap::new(),
+            free: BTreeSet::new(),
+        }
+    }
+}
+
+impl<K: Ord + Clone> Interner<K> {
+    /// Takes a reference to `value`, storing it if new; returns its slot.
+    fn acquire<Q>(&mut self, value: &Q, make: impl FnOnce() -> K) -> u32
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        if let Some(&slot) = self.index.get(value) {
+            if let Some(Some((_, refs))) = self.slots.get_mut(slot as usize) {
+                *refs = refs.saturating_add(1);
+            }
+            return slot;
+        }
+        let key = make();
+        let slot = match self.free.pop_first() {
+            Some(slot) => slot,
+            None => {
+                // More than u32::MAX distinct values cannot be held in memory anyway.
+                let slot = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
+                self.slots.push(None);
+                slot
+            }
+        };
+        if let Some(s) = self.slots.get_mut(slot as usize) {
+            *s = Some((key.clone(), 1));
+        }
+        self.index.insert(key, slot);
+        slot
+    }
+
+    /// Drops one reference to `slot`, freeing it at zero.
+    fn release(&mut self, slot: u32) {
+        let Some(entry) = self.slots.get_mut(slot as usize) else {
+            return;
+        };
+        let Some((key, refs)) = entry else {
+            return;
+        };
+        *refs = refs.saturating_sub(1);
+        if *refs == 0 {
+            self.index.remove(&*key);
+            *entry = None;
+            self.free.insert(slot);
+            self.trim();
+        }
+    }
+
+    /// Drops trailing free slots, so equal contents have equal layouts.
+    fn trim(&mut self) {
+        while let Some(None) = self.slots.last() {
+            self.slots.pop();
+            if let Ok(last) = u32::try_from(self.slots.len()) {
+                self.free.remove(&last);
+            }
+        }
+    }
+
+    fn get(&self, slot: u32) -> Option<&K> {
+        self.slots
+            .get(slot as usize)
+            .and_then(|s| s.as_ref())
+            .map(|(k, _)| k)
+    }
+
+    /// Rebuilds from serialized values; reference counts come from `uses`. Values nobody
+    /// uses are dropped.
+    fn rebuild(values: Vec<Option<K>>, uses: &[u32]) -> Self {
+        let mut interner = Self::default();
+        for (slot, value) in values.into_iter().enumerate() {
+            let refs = uses.get(slot).copied().unwrap_or(0);
+            let slot32 = u32::try_from(slot).unwrap_or(u32::MAX);
+            match value {
+                Some(k) if refs > 0 && !interner.index.contains_key(&k) => {
+                    interner.index.insert(k.clone(), slot32);
+                    interner.slots.push(Some((k, refs)));
+                }
+                _ => {
+                    interner.slots.push(None);
+                    interner.free.insert(slot32);
+                }
+            }
+        }
+        interner.trim();
+        interner
+    }
+
+    fn values(&self) -> impl Serialize + '_
+    where
+        K: Serialize,
+    {
+        SlotValues(&self.slots)
+    }
+}
+
+/// Serializes interner slots as `Option<value>` without the reference counts (they are
+/// recomputed on load).
+struct SlotValues<'a, K>(&'a [Option<(K, u32)>]);
+
+impl<K: Serialize> Serialize for SlotValues<'_, K> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|s| s.as_ref().map(|(k, _)| k)))
+    }
+}
+
+/// Slot value meaning "no DNS suffix".
+const NO_SUFFIX: u32 = u32::MAX;
+
+/// A socket address in 19 bytes instead of 32 (`Option<SocketAddr>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct CompactAddress {
+    /// 0: none, 4: IPv4 (first 4 bytes of `ip`), 6: IPv6.
+    family: u8,
+    ip: [u8; 16],
+    port: u16,
+}
+
+impl CompactAddress {
+    fn new(address: Option<SocketAddr>) -> Self {
+        let mut ip = [0u8; 16];
+        match address {
+            None => Self {
+                family: 0,
+                ip,
+                port: 0,
+            },
+            Some(SocketAddr::V4(a)) => {
+                ip[..4].copy_from_slice(&a.ip().octets());
+                Self {
+                    family: 4,
+                    ip,
+                    port: a.port(),
+                }
+            }
+            Some(SocketAddr::V6(a)) => Self {
+                family: 6,
+                ip: a.ip().octets(),
+                port: a.port(),
+            },
+        }
+    }
+
+    fn get(&self) -> Option<SocketAddr> {
+        match self.family {
+            4 => {
+                let [a, b, c, d, ..] = self.ip;
+                Some(SocketAddr::new(Ipv4Addr::new(a, b, c, d).into(), self.port))
+            }
+            6 => Some(SocketAddr::new(Ipv6Addr::from(self.ip).into(), self.port)),
+            _ => None,
+        }
+    }
+}
+
+/// One client as stored: about 90 bytes, with the product and the DNS suffix of the
+/// workstation name shared through interners and the CMID only in the map key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Entry {
+    first_seen: UnixMillis,
+    last_seen: UnixMillis,
+    /// Workstation name up to its first dot (inline when short).
+    host: CompactString,
+    /// Interned rest of the workstation name from its first dot, or [`NO_SUFFIX`].
+    suffix: u32,
+    /// Interned [`ProductKey`].
+    product: u32,
+    address: CompactAddress,
+    request_count: u32,
+    last_count: u32,
+    license_status: u32,
+    protocol: (u16, u16),
+    is_vm: bool,
+    activated: bool,
+}
+
+/// A borrowed view of one registered client.
+#[derive(Clone, Copy)]
+pub struct ClientRef<'a> {
+    list: &'a Uuid,
+    cmid: &'a Uuid,
+    entry: &'a Entry,
+    registry: &'a Registry,
+}
+
+const UNKNOWN_PRODUCT: ProductKey = ProductKey {
+    application_id: Uuid::nil(),
+    sku_id: Uuid::nil(),
+    kms_counted_id: Uuid::nil(),
+};
+
+impl<'a> ClientRef<'a> {
+    /// Application list the client is counted in.
+    pub fn list(&self) -> &'a Uuid {
+        self.list
+    }
+    pub fn cmid(&self) -> &'a Uuid {
+        self.cmid
+    }
+    pub fn product(&self) -> ProductKey {
+        self.registry
+            .products
+            .get(self.entry.product)
+            .copied()
+            .unwrap_or(UNKNOWN_PRODUCT)
+    }
+    pub fn first_seen(&self) -> UnixMillis {
+        self.entry.first_seen
+    }
+    pub fn last_seen(&self) -> UnixMillis {
+        self.entry.last_seen
+    }
+    pub fn last_address(&self) -> Option<SocketAddr> {
+        self.entry.address.get()
+    }
+    pub fn workstation(&self) -> String {
+        let suffix = self
+            .registry
+            .suffixes
+            .get(self.entry.suffix)
+            .map(|s| &**s)
+            .unwrap_or("");
+        let mut name = String::with_capacity(self.entry.host.len() + suffix.len());
+        name.push_str(&self.entry.host);
+        name.push_str(suffix);
+        name
+    }
+    /// The full record.
+    pub fn to_record(&self) -> ClientRecord {
+        let product = self.product();
+        let e = self.entry;
+        ClientRecord {
+            cmid: *self.cmid,
+            application_id: product.application_id,
+            sku_id: product.sku_id,
+            kms_counted_id: product.kms_counted_id,
+            workstation: self.workstation().into_boxed_str(),
+            license_status: e.license_status,
+            protocol: e.protocol,
+            last_address: e.address.get(),
+            is_vm: e.is_vm,
+            first_seen: e.first_seen,
+            last_seen: e.last_seen,
+            request_count: e.request_count,
+            last_count: e.last_count,
+            last_result_activated: e.activated,
+        }
+    }
+}
+
 /// Registered clients keyed by (application list, CMID).
 ///
 /// No secondary index by age: it would cost about a fifth of the memory per client, and the
 /// operations that need age order (retention, eviction when full, paging) are rare enough
 /// to scan.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "RegistryRepr", into = "RegistryRepr")]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RegistryRepr")]
 pub struct Registry {
-    lists: BTreeMap<Uuid, BTreeMap<Uuid, ClientRecord>>,
+    lists: BTreeMap<Uuid, BTreeMap<Uuid, Entry>>,
+    products: Interner<ProductKey>,
+    suffixes: Interner<Box<str>>,
     /// Total entries over all lists (derived, not serialized).
     len: usize,
 }
 
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct RegistryRepr {
-    lists: BTreeMap<Uuid, BTreeMap<Uuid, ClientRecord>>,
+    products: Vec<Option<ProductKey>>,
+    suffixes: Vec<Option<Box<str>>>,
+    lists: BTreeMap<Uuid, BTreeMap<Uuid, Entry>>,
 }
 
-impl From<RegistryRepr> for Registry {
-    fn from(repr: RegistryRepr) -> Self {
-        let mut lists = repr.lists;
-        // A record's CMID must match its key; drop inconsistent ones from foreign snapshots.
-        for clients in lists.values_mut() {
-            clients.retain(|cmid, r| r.cmid == *cmid);
-        }
-        lists.retain(|_, clients| !clients.is_empty());
-        let len = lists.values().map(BTreeMap::len).sum();
-        Self { lists, len }
+/// Serialized by reference: a snapshot of a large registry must not need a copy of it.
+impl Serialize for Registry {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = serializer.serialize_struct("RegistryRepr", 3)?;
+        s.serialize_field("products", &self.products.values())?;
+        s.serialize_field("suffixes", &self.suffixes.values())?;
+        s.serialize_field("lists", &self.lists)?;
+        s.end()
     }
 }
 
-impl From<Registry> for RegistryRepr {
-    fn from(registry: Registry) -> Self {
-        Self {
-            lists: registry.lists,
+impl TryFrom<RegistryRepr> for Registry {
+    type Error = String;
+
+    fn try_from(repr: RegistryRepr) -> Result<Self, String> {
+        let mut lists = repr.lists;
+        lists.retain(|_, clients| !clients.is_empty());
+        let mut product_uses = vec![0u32; repr.products.len()];
+        let mut suffix_uses = vec![0u32; repr.suffixes.len()];
+        for entry in lists.values().flat_map(BTreeMap::values) {
+            let live_product = repr.products.get(entry.product as usize);
+            match (live_product, product_uses.get_mut(entry.product as usize)) {
+                (Some(Some(_)), Some(uses)) => *uses = uses.saturating_add(1),
+                _ => return Err(format!("client refers to missing product {}", entry.product)),
+            }
+            if entry.suffix != NO_SUFFIX {
+                let live_suffix = repr.suffixes.get(entry.suffix as usize);
+                match (live_suffix, suffix_uses.get_mut(entry.suffix as usize)) {
+                    (Some(Some(_)), Some(uses)) => *uses = uses.saturating_add(1),
+                    _ => return Err(format!("client refers to missing suffix {}", entry.suffix)),
+                }
+            }
         }
+        let len = lists.values().map(BTreeMap::len).sum();
+        Ok(Self {
+            lists,
+            products: Interner::rebuild(repr.products, &product_uses),
+            suffixes: Interner::rebuild(repr.suffixes, &suffix_uses),
+            len,
+        })
     }
 }
 
@@ -142,30 +453,66 @@ fn truncate_chars(s: &str, max: usize) -> &str {
     }
 }
 
-/// Copies the facts of a granted request into its client's record.
-fn update(
-    r: &mut ClientRecord,
+/// Splits a workstation name into its host label and its DNS suffix (from the first dot).
+fn split_workstation(name: &str) -> (&str, Option<&str>) {
+    match name.find('.') {
+        Some(dot) => (
+            name.get(..dot).unwrap_or(name),
+            name.get(dot..).filter(|s| !s.is_empty()),
+        ),
+        None => (name, None),
+    }
+}
+
+fn intern_suffix(suffixes: &mut Interner<Box<str>>, suffix: Option<&str>) -> u32 {
+    match suffix {
+        Some(s) => suffixes.acquire(s, || s.into()),
+        None => NO_SUFFIX,
+    }
+}
+
+/// Copies the facts of a granted request into its client's entry. `name` is the product,
+/// the host label and the DNS suffix of the request.
+#[allow(clippy::too_many_arguments)]
+fn refresh(
+    products: &mut Interner<ProductKey>,
+    suffixes: &mut Interner<Box<str>>,
+    entry: &mut Entry,
     request: &ActivationRequest,
-    workstation: &str,
+    name: (&ProductKey, &str, Option<&str>),
     now: UnixMillis,
     count: u32,
     activated: bool,
 ) {
-    if *r.workstation != *workstation {
-        r.workstation = workstation.into();
+    let (product, host, suffix) = name;
+    if products.get(entry.product) != Some(product) {
+        let new = products.acquire(product, || *product);
+        products.release(entry.product);
+        entry.product = new;
     }
-    r.application_id = request.application_id;
-    r.sku_id = request.sku_id;
-    r.kms_counted_id = request.kms_counted_id;
-    r.license_status = request.license_status;
-    r.protocol = (request.protocol_major, request.protocol_minor);
-    r.last_address = request.client_address;
-    r.is_vm = request.is_client_vm;
-    r.first_seen = r.first_seen.min(now);
-    r.last_seen = now;
-    r.request_count = r.request_count.saturating_add(1);
-    r.last_count = count;
-    r.last_result_activated = activated;
+    let same_suffix = match entry.suffix {
+        NO_SUFFIX => suffix.is_none(),
+        slot => suffixes.get(slot).map(|s| &**s) == suffix,
+    };
+    if !same_suffix {
+        let new = intern_suffix(suffixes, suffix);
+        if entry.suffix != NO_SUFFIX {
+            suffixes.release(entry.suffix);
+        }
+        entry.suffix = new;
+    }
+    if entry.host != host {
+        entry.host = CompactString::new(host);
+    }
+    entry.license_status = request.license_status;
+    entry.protocol = (request.protocol_major, request.protocol_minor);
+    entry.address = CompactAddress::new(request.client_address);
+    entry.is_vm = request.is_client_vm;
+    entry.first_seen = entry.first_seen.min(now);
+    entry.last_seen = now;
+    entry.request_count = entry.request_count.saturating_add(1);
+    entry.last_count = count;
+    entry.activated = activated;
 }
 
 impl Registry {
@@ -178,31 +525,57 @@ impl Registry {
         self.len == 0
     }
 
+    fn view<'a>(&'a self, list: &'a Uuid, cmid: &'a Uuid, entry: &'a Entry) -> ClientRef<'a> {
+        ClientRef {
+            list,
+            cmid,
+            entry,
+            registry: self,
+        }
+    }
+
     /// The record of `cmid` in `list`.
-    pub fn get(&self, list: &Uuid, cmid: &Uuid) -> Option<&ClientRecord> {
-        self.lists.get(list)?.get(cmid)
+    pub fn get(&self, list: &Uuid, cmid: &Uuid) -> Option<ClientRecord> {
+        let (list, clients) = self.lists.get_key_value(list)?;
+        let (cmid, entry) = clients.get_key_value(cmid)?;
+        Some(self.view(list, cmid, entry).to_record())
     }
 
     /// Records of `cmid` in every list it appears in, by list id.
-    pub fn by_cmid(&self, cmid: &Uuid) -> Vec<&ClientRecord> {
-        self.lists.values().filter_map(|c| c.get(cmid)).collect()
-    }
-
-    /// Every record with its list id, by list then CMID.
-    pub fn iter(&self) -> impl Iterator<Item = (&Uuid, &ClientRecord)> {
+    pub fn by_cmid(&self, cmid: &Uuid) -> Vec<ClientRecord> {
         self.lists
             .iter()
-            .flat_map(|(list, clients)| clients.values().map(move |r| (list, r)))
+            .filter_map(|(list, c)| {
+                let (cmid, entry) = c.get_key_value(cmid)?;
+                Some(self.view(list, cmid, entry).to_record())
+            })
+            .collect()
     }
 
-    fn remove(&mut self, list: &Uuid, cmid: &Uuid) -> Option<ClientRecord> {
+    /// Every client, by list then CMID.
+    pub fn iter(&self) -> impl Iterator<Item = ClientRef<'_>> {
+        self.lists.iter().flat_map(move |(list, clients)| {
+            clients
+                .iter()
+                .map(move |(cmid, entry)| self.view(list, cmid, entry))
+        })
+    }
+
+    fn release(&mut self, entry: &Entry) {
+        self.products.release(entry.product);
+        if entry.suffix != NO_SUFFIX {
+            self.suffixes.release(entry.suffix);
+        }
+    }
+
+    fn remove(&mut self, list: &Uuid, cmid: &Uuid) -> Option<Entry> {
         let clients = self.lists.get_mut(list)?;
-        let record = clients.remove(cmid)?;
+        let entry = clients.remove(cmid)?;
         if clients.is_empty() {
             self.lists.remove(list);
         }
         self.len = self.len.saturating_sub(1);
-        Some(record)
+        Some(entry)
     }
 
     /// Records a granted request at `now`, answered with `count`.
@@ -238,45 +611,71 @@ impl Registry {
             None
         };
         let workstation = truncate_chars(&request.workstation_name, MAX_WORKSTATION_CHARS);
-        // Common case (a renewal): update in place.
-        if let Some(r) = self.lists.get_mut(&list).and_then(|c| c.get_mut(&cmid)) {
-            if let Some(old) = moved {
+        let (host, suffix) = split_workstation(workstation);
+        let product = ProductKey {
+            application_id: request.application_id,
+            sku_id: request.sku_id,
+            kms_counted_id: request.kms_counted_id,
+        };
+        let existing = self.lists.get_mut(&list).and_then(|c| c.get_mut(&cmid));
+        if let Some(entry) = existing {
+            // Common case (a renewal): update in place.
+            if let Some(old) = &moved {
                 // Both CMIDs were registered: merge the histories.
-                r.first_seen = r.first_seen.min(old.first_seen);
-                r.request_count = r.request_count.saturating_add(old.request_count);
+                entry.first_seen = entry.first_seen.min(old.first_seen);
+                entry.request_count = entry.request_count.saturating_add(old.request_count);
             }
-            update(r, request, workstation, now, count, activated);
+            refresh(
+                &mut self.products,
+                &mut self.suffixes,
+                entry,
+                request,
+                (&product, host, suffix),
+                now,
+                count,
+                activated,
+            );
+            if let Some(old) = moved {
+                self.release(&old);
+            }
             return;
         }
         if self.len >= max {
             self.evict_oldest(eviction_batch(max));
         }
-        let mut record = match moved {
-            Some(old) => ClientRecord { cmid, ..old },
-            None => ClientRecord {
-                cmid,
-                application_id: request.application_id,
-                sku_id: request.sku_id,
-                kms_counted_id: request.kms_counted_id,
-                workstation: workstation.into(),
-                license_status: request.license_status,
-                protocol: (request.protocol_major, request.protocol_minor),
-                last_address: request.client_address,
-                is_vm: request.is_client_vm,
+        let mut entry = match moved {
+            Some(old) => old,
+            None => Entry {
                 first_seen: now,
                 last_seen: now,
+                host: CompactString::new(host),
+                suffix: intern_suffix(&mut self.suffixes, suffix),
+                product: self.products.acquire(&product, || product),
+                address: CompactAddress::new(None),
                 request_count: 0,
                 last_count: count,
-                last_result_activated: activated,
+                license_status: request.license_status,
+                protocol: (request.protocol_major, request.protocol_minor),
+                is_vm: request.is_client_vm,
+                activated,
             },
         };
-        update(&mut record, request, workstation, now, count, activated);
-        self.lists.entry(list).or_default().insert(cmid, record);
+        refresh(
+            &mut self.products,
+            &mut self.suffixes,
+            &mut entry,
+            request,
+            (&product, host, suffix),
+            now,
+            count,
+            activated,
+        );
+        self.lists.entry(list).or_default().insert(cmid, entry);
         self.len += 1;
     }
 
     fn age_keys(&self) -> impl Iterator<Item = AgeKey> + '_ {
-        self.iter().map(|(list, r)| (r.last_seen, *list, r.cmid))
+        self.iter().map(|c| (c.last_seen(), *c.list(), *c.cmid()))
     }
 
     /// Removes the `count` least recently seen clients.
@@ -287,32 +686,39 @@ impl Registry {
             keys.truncate(count);
         }
         for (_, list, cmid) in keys {
-            self.remove(&list, &cmid);
+            if let Some(entry) = self.remove(&list, &cmid) {
+                self.release(&entry);
+            }
         }
     }
 
     /// Removes clients with `last_seen + retention_ms <= now`; returns how many.
     pub fn expire(&mut self, now: UnixMillis, retention_ms: u64) -> usize {
-        let before = self.len;
-        for clients in self.lists.values_mut() {
-            clients.retain(|_, r| r.last_seen.saturating_add(retention_ms) > now);
+        let expired: Vec<(Uuid, Uuid)> = self
+            .iter()
+            .filter(|c| c.last_seen().saturating_add(retention_ms) <= now)
+            .map(|c| (*c.list(), *c.cmid()))
+            .collect();
+        for (list, cmid) in &expired {
+            if let Some(entry) = self.remove(list, cmid) {
+                self.release(&entry);
+            }
         }
-        self.lists.retain(|_, clients| !clients.is_empty());
-        self.len = self.lists.values().map(BTreeMap::len).sum();
-        before - self.len
+        expired.len()
     }
 
     /// Matching clients, newest `last_seen` first (ties: list id, then CMID, descending),
     /// paged by `offset`/`limit`, with the total before paging.
     pub fn query(&self, query: &ClientQuery) -> ClientPage {
-        let mut matching: Vec<(AgeKey, &ClientRecord)> = self
+        let mut matching: Vec<(AgeKey, ClientRef<'_>)> = self
             .iter()
-            .filter(|(_, r)| query.matches(r))
-            .map(|(list, r)| ((r.last_seen, *list, r.cmid), r))
+            .filter(|c| query.matches(c))
+            .map(|c| ((c.last_seen(), *c.list(), *c.cmid()), c))
             .collect();
         let total = matching.len();
         let end = query.offset.saturating_add(query.limit).min(total);
-        let newest_first = |a: &(AgeKey, &ClientRecord), b: &(AgeKey, &ClientRecord)| b.0.cmp(&a.0);
+        let newest_first =
+            |a: &(AgeKey, ClientRef<'_>), b: &(AgeKey, ClientRef<'_>)| b.0.cmp(&a.0);
         // Only the first `end` need ordering: partition, then sort that part.
         if end < total && end > 0 {
             matching.select_nth_unstable_by(end - 1, newest_first);
@@ -322,7 +728,7 @@ impl Registry {
         let clients = head
             .iter()
             .skip(query.offset)
-            .map(|(_, r)| (*r).clone())
+            .map(|(_, c)| c.to_record())
             .collect();
         ClientPage { total, clients }
     }
@@ -533,6 +939,85 @@ mod tests {
         assert!(reg.get(&list(1), &Uuid::from_u128(batch + 1)).is_some());
         assert!(reg.get(&list(1), &Uuid::from_u128(u128::MAX)).is_some());
         assert_eq!(reg.iter().count(), reg.len());
+    }
+
+    #[test]
+    fn shared_values_are_stored_once_and_freed_with_their_clients() {
+        let mut reg = Registry::default();
+        for i in 0..100u128 {
+            let mut req = request(i);
+            req.workstation_name = format!("pc{i}.corp.example.com");
+            reg.record(list(1), &req, T0 + i as u64, 1, false);
+        }
+        assert_eq!(reg.products.index.len(), 1, "one product for 100 clients");
+        assert_eq!(reg.suffixes.index.len(), 1, "one DNS suffix for 100 clients");
+        let r = reg.get(&list(1), &Uuid::from_u128(42)).unwrap();
+        assert_eq!(&*r.workstation, "pc42.corp.example.com");
+        assert_eq!(r.sku_id, Uuid::from_u128(0x5000));
+
+        // A client that moves to another product and suffix releases the old ones only
+        // when nobody else uses them.
+        let mut moved = request(42);
+        moved.sku_id = Uuid::from_u128(0x5001);
+        moved.workstation_name = "PC42.other.example".into();
+        reg.record(list(1), &moved, T0 + 1000, 1, false);
+        assert_eq!(reg.products.index.len(), 2);
+        assert_eq!(reg.suffixes.index.len(), 2);
+        let r = reg.get(&list(1), &Uuid::from_u128(42)).unwrap();
+        assert_eq!(&*r.workstation, "PC42.other.example");
+        assert_eq!(r.sku_id, Uuid::from_u128(0x5001));
+
+        // Everybody else expires: the shared values go with them.
+        assert_eq!(reg.expire(T0 + 500 + DAY_MS, DAY_MS), 99);
+        assert_eq!(reg.products.index.len(), 1);
+        assert_eq!(reg.suffixes.index.len(), 1);
+        assert_eq!(reg.products.slots.iter().flatten().count(), 1);
+        let bytes = postcard::to_allocvec(&reg).unwrap();
+        let back: Registry = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, reg, "freed slots survive a snapshot round trip");
+
+        // The freed slot is reused first.
+        let mut fresh = request(500);
+        fresh.sku_id = Uuid::from_u128(0x5002);
+        reg.record(list(1), &fresh, T0 + 2000, 1, false);
+        let r = reg.get(&list(1), &Uuid::from_u128(500)).unwrap();
+        assert_eq!(r.sku_id, Uuid::from_u128(0x5002));
+        assert_eq!(reg.products.slots.len(), 2);
+    }
+
+    #[test]
+    fn names_without_suffix_and_addresses_round_trip() {
+        let mut reg = Registry::default();
+        let cases: [(&str, Option<SocketAddr>); 5] = [
+            ("DESKTOP-1", Some("[2001:db8::7]:50000".parse().unwrap())),
+            ("trailing.", Some("203.0.113.9:1".parse().unwrap())),
+            (".leading", None),
+            ("", Some("[::1]:65535".parse().unwrap())),
+            ("a.b.c.d.e", Some("0.0.0.0:0".parse().unwrap())),
+        ];
+        for (i, (name, address)) in cases.iter().enumerate() {
+            let mut req = request(i as u128);
+            req.workstation_name = (*name).into();
+            req.client_address = *address;
+            reg.record(list(1), &req, T0, 1, false);
+        }
+        for (i, (name, address)) in cases.iter().enumerate() {
+            let r = reg.get(&list(1), &Uuid::from_u128(i as u128)).unwrap();
+            assert_eq!(&*r.workstation, *name);
+            assert_eq!(r.last_address, *address);
+        }
+    }
+
+    #[test]
+    fn snapshot_with_dangling_slot_is_refused() {
+        let mut reg = Registry::default();
+        reg.record(list(1), &request(1), T0, 1, false);
+        let repr = RegistryRepr {
+            products: Vec::new(),
+            suffixes: vec![Some(".example.com".into())],
+            lists: reg.lists.clone(),
+        };
+        assert!(Registry::try_from(repr).is_err());
     }
 
     #[test]

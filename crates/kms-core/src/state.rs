@@ -325,7 +325,7 @@ impl State {
     }
 
     /// The records of one CMID, one per application list it was granted in.
-    pub fn client(&self, cmid: &Uuid) -> Vec<&ClientRecord> {
+    pub fn client(&self, cmid: &Uuid) -> Vec<ClientRecord> {
         self.registry.by_cmid(cmid)
     }
 

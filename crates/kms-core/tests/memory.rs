@@ -38,7 +38,7 @@ const T0: u64 = 1_700_000_000_000;
 const KMS_WIN10_2019: Uuid = uuid!("11b15659-e603-4cf1-9c1f-f0ec01b81888");
 const CLIENTS: u32 = 100_000;
 /// Budget for the state's heap with 100k clients (the daemon has other needs too).
-const HEAP_BUDGET: usize = 40 * 1024 * 1024;
+const HEAP_BUDGET: usize = 20 * 1024 * 1024;
 
 fn identity() -> HostIdentity {
     let epids: BTreeMap<Uuid, String> = kms_catalog::catalog()
@@ -133,7 +133,7 @@ fn hundred_thousand_clients_fit_the_budget() {
         "state heap {heap} B exceeds {HEAP_BUDGET} B"
     );
     assert!(
-        snapshot.len() < 16 * 1024 * 1024,
+        snapshot.len() < 10 * 1024 * 1024,
         "snapshot {} B",
         snapshot.len()
     );

@@ -593,7 +593,7 @@ fn registry_records_request_facts() {
     r.license_status = 5;
     r.protocol_major = 5;
     count(&mut s, T0, r.clone());
-    let rec = s.client(&cmid(1))[0];
+    let rec = s.client(&cmid(1)).remove(0);
     assert_eq!(rec.cmid, cmid(1));
     assert_eq!(rec.application_id, WINDOWS);
     assert_eq!(rec.kms_counted_id, KMS_WIN10_2019);
