@@ -8,6 +8,11 @@
 #      plus resident memory, data dir and snapshot size at that size (for docs/capacity.md).
 #
 #   bash tests/bench/cluster.sh [TRIALS] [CLIENTS]      (defaults 20 and 100000)
+#
+# NODE_CPUS=0.5 gives every kmsd process (the single node and each cluster node) its own CPU
+# budget of that many cores through a cgroup (root, cgroup v1 or v2), which emulates one
+# machine per node of equal size; without it all nodes share the same cores as the load
+# generator, so the cluster does three times the work on the same CPUs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TRIALS="${1:-20}"
@@ -17,8 +22,32 @@ cargo build --release --locked -p kmsd -p kmsctl >/dev/null 2>&1
 BIN="$CARGO_TARGET_DIR/release"
 WORK=$(mktemp -d)
 declare -A PID
-cleanup() { for p in "${PID[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+CGROUPS=()
+cleanup() {
+  for p in "${PID[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  sleep 0.2
+  for g in "${CGROUPS[@]}"; do rmdir "$g" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
+# Puts process $2 into its own CPU-limited cgroup named after node $1 (NODE_CPUS cores).
+limit_cpu() {
+  [ -n "${NODE_CPUS:-}" ] || return 0
+  local id=$1 pid=$2 period=10000 quota g
+  quota=$(python3 -c "print(int(float('$NODE_CPUS') * $period))")
+  if [ -f /sys/fs/cgroup/cgroup.controllers ] && grep -qw cpu /sys/fs/cgroup/cgroup.controllers; then
+    echo +cpu > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+    g=/sys/fs/cgroup/kmsbench-$$-$id
+    mkdir -p "$g"; echo "$quota $period" > "$g/cpu.max"
+  elif [ -d /sys/fs/cgroup/cpu ]; then
+    g=/sys/fs/cgroup/cpu/kmsbench-$$-$id
+    mkdir -p "$g"; echo "$period" > "$g/cpu.cfs_period_us"; echo "$quota" > "$g/cpu.cfs_quota_us"
+  else
+    echo "NODE_CPUS needs a writable cgroup cpu controller" >&2; exit 1
+  fi
+  CGROUPS+=("$g")
+  echo "$pid" > "$g/cgroup.procs"
+}
 BASE=${BENCH_PORT_BASE:-24000}  # below the ephemeral port range
 kms() { echo "127.0.0.1:$((BASE + $1))"; }
 admin() { echo "127.0.0.1:$((BASE + 100 + $1))"; }
@@ -31,6 +60,7 @@ start() { # id [join-id]
     --admin-listen "$(admin "$id")" --raft-listen "$(raft "$id")" --log-level warn \
     "${join[@]}" >>"$WORK/n$id.log" 2>&1 &
   PID[$id]=$!
+  limit_cpu "$id" "$!"
   for _ in $(seq 1 300); do
     curl -sf "http://$(admin "$id")/readyz" >/dev/null 2>&1 && return 0
     sleep 0.1
@@ -45,7 +75,7 @@ bench() { # node concurrency requests [extra]
     --duration-secs 120 --json "$@"
 }
 
-echo "## 1. Throughput: 3-node cluster vs single node (kmsctl bench, keep-alive, 64 clients)"
+echo "## 1. Throughput: 3-node cluster vs single node (kmsctl bench, keep-alive, 64 clients; CPU per node: ${NODE_CPUS:-shared})"
 start 9                      # the single node
 start 1; start 2 1; start 3 1
 L=$(leader_of 1); F=$(( L == 1 ? 2 : 1 ))

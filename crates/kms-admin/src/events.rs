@@ -95,9 +95,12 @@ impl EventLog {
         event_id: u32,
         level: &str,
         message: impl Into<String>,
-        fields: serde_json::Value,
+        fields: impl serde::Serialize,
     ) {
-        let fields = fields.to_string().into_boxed_str();
+        // Straight to compact text: no intermediate JSON tree on the activation path.
+        let fields = serde_json::to_string(&fields)
+            .unwrap_or_else(|e| format!(r#"{{"error":"unserializable fields: {e}"}}"#))
+            .into_boxed_str();
         if let Ok(mut guard) = self.inner.lock() {
             let (seq, events) = &mut *guard;
             *seq += 1;

@@ -152,8 +152,7 @@ pub struct ClientFilter {
 
 fn client_matches(f: &ClientFilter, r: &ClientRef<'_>) -> bool {
     let product = r.product();
-    f.application
-        .is_none_or(|a| product.application_id == a)
+    f.application.is_none_or(|a| product.application_id == a)
         && f.product
             .is_none_or(|p| p.matches(&product.sku_id, &product.kms_counted_id))
         && f.since.is_none_or(|t| r.last_seen() >= t)

@@ -423,7 +423,12 @@ impl TryFrom<RegistryRepr> for Registry {
             let live_product = repr.products.get(entry.product as usize);
             match (live_product, product_uses.get_mut(entry.product as usize)) {
                 (Some(Some(_)), Some(uses)) => *uses = uses.saturating_add(1),
-                _ => return Err(format!("client refers to missing product {}", entry.product)),
+                _ => {
+                    return Err(format!(
+                        "client refers to missing product {}",
+                        entry.product
+                    ))
+                }
             }
             if entry.suffix != NO_SUFFIX {
                 let live_suffix = repr.suffixes.get(entry.suffix as usize);
@@ -717,8 +722,7 @@ impl Registry {
             .collect();
         let total = matching.len();
         let end = query.offset.saturating_add(query.limit).min(total);
-        let newest_first =
-            |a: &(AgeKey, ClientRef<'_>), b: &(AgeKey, ClientRef<'_>)| b.0.cmp(&a.0);
+        let newest_first = |a: &(AgeKey, ClientRef<'_>), b: &(AgeKey, ClientRef<'_>)| b.0.cmp(&a.0);
         // Only the first `end` need ordering: partition, then sort that part.
         if end < total && end > 0 {
             matching.select_nth_unstable_by(end - 1, newest_first);
@@ -950,7 +954,11 @@ mod tests {
             reg.record(list(1), &req, T0 + i as u64, 1, false);
         }
         assert_eq!(reg.products.index.len(), 1, "one product for 100 clients");
-        assert_eq!(reg.suffixes.index.len(), 1, "one DNS suffix for 100 clients");
+        assert_eq!(
+            reg.suffixes.index.len(),
+            1,
+            "one DNS suffix for 100 clients"
+        );
         let r = reg.get(&list(1), &Uuid::from_u128(42)).unwrap();
         assert_eq!(&*r.workstation, "pc42.corp.example.com");
         assert_eq!(r.sku_id, Uuid::from_u128(0x5000));

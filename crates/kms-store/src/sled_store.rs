@@ -1,8 +1,8 @@
-use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::{Result, Storage, StorageError};
+use crate::{io_err, Result, Storage, StorageError};
 
 /// sled-backed storage: one tree for the log (big-endian index keys, so iteration order is
 /// index order) and one for metadata, in `<dir>/db`. Snapshots are plain files beside it
@@ -14,13 +14,6 @@ pub struct SledStorage {
     log: sled::Tree,
     meta: sled::Tree,
     dir: PathBuf,
-}
-
-const SNAPSHOT_FILE: &str = "snapshot";
-const SNAPSHOT_TMP: &str = "snapshot.tmp";
-
-fn io_err(what: &str, e: std::io::Error) -> StorageError {
-    StorageError::Backend(format!("{what}: {e}"))
 }
 
 fn backend(e: sled::Error) -> StorageError {
@@ -144,10 +137,7 @@ impl Storage for SledStorage {
     }
 
     fn size_on_disk(&self) -> Result<u64> {
-        let snapshot = fs::metadata(self.dir.join(SNAPSHOT_FILE))
-            .map(|m| m.len())
-            .unwrap_or(0);
-        Ok(self.db.size_on_disk().map_err(backend)? + snapshot)
+        Ok(self.db.size_on_disk().map_err(backend)? + crate::snapshot_file_size(&self.dir))
     }
 
     fn write_snapshot(
@@ -155,29 +145,10 @@ impl Storage for SledStorage {
         meta: &[u8],
         body: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
     ) -> Result<()> {
-        let tmp = self.dir.join(SNAPSHOT_TMP);
-        let file = File::create(&tmp).map_err(|e| io_err("create snapshot", e))?;
-        let mut out = BufWriter::with_capacity(256 * 1024, file);
-        let written = crate::frame_snapshot(&mut out, meta, body)
-            .and_then(|()| out.flush())
-            .and_then(|()| out.get_ref().sync_all());
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_err("write snapshot", e));
-        }
-        drop(out);
-        fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE)).map_err(|e| io_err("rename snapshot", e))?;
-        // The rename itself must survive a crash.
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_err("sync storage dir", e))
+        crate::write_snapshot_file(&self.dir, meta, body)
     }
 
     fn read_snapshot(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        match fs::read(self.dir.join(SNAPSHOT_FILE)) {
-            Ok(bytes) => crate::unframe_snapshot(bytes).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err("read snapshot", e)),
-        }
+        crate::read_snapshot_file(&self.dir)
     }
 }

@@ -1,15 +1,16 @@
 //! Node start-up and shutdown: storage, engine, identity, listeners, signals.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use kms_core::Command;
-use kms_store::SledStorage;
+use kms_store::{FileStorage, SledStorage, Storage};
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, StorageEngine};
 use crate::engine::{wall_clock_ms, Engine};
 use crate::kms_server::{bind_listeners, KmsServerConfig, KmsService};
 use crate::{admin, kms_server, telemetry};
@@ -68,15 +69,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let state_dir = config.data_dir.join("state");
-    let storage = tokio::task::spawn_blocking(move || SledStorage::open(&state_dir))
+    let engine_kind = config.storage_engine;
+    let storage = tokio::task::spawn_blocking(move || open_storage(engine_kind, &state_dir))
         .await
         .context("storage task")?
-        .with_context(|| {
-            format!(
-                "cannot open the state in {} (is another kmsd using it?)",
-                config.data_dir.display()
-            )
-        })?;
+        .map_err(anyhow::Error::msg)?;
     let mut cluster_config = ClusterConfig::new(
         config.node_id,
         config.raft_listen,
@@ -93,7 +90,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     cluster_config.batch_max = config.group_commit_max;
     cluster_config.answer_deadline = config.answer_deadline;
     cluster_config.tls = config.raft_tls.clone();
-    let engine = Engine::start(cluster_config, Arc::new(storage))
+    let engine = Engine::start(cluster_config, storage)
         .await
         .context("cannot start the replicated state")?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -378,22 +375,44 @@ pub async fn healthcheck(url: &str, timeout_secs: u64) -> std::process::ExitCode
     }
 }
 
-fn open_offline(config: &Config) -> Result<SledStorage, String> {
+/// Opens the state dir with `engine`, refusing a dir written by the other engine (its data
+/// would silently look empty).
+fn open_storage(engine: StorageEngine, dir: &Path) -> Result<Arc<dyn Storage>, String> {
+    let data_dir = dir.parent().unwrap_or(dir).display();
+    let (other, marker, flag) = match engine {
+        StorageEngine::File => ("sled", "db", "sled"),
+        StorageEngine::Sled => ("file", "wal", "file"),
+    };
+    if dir.join(marker).exists() {
+        return Err(format!(
+            "{data_dir} holds state of the {other} storage engine: start with --storage-engine {flag} (or [storage] engine = \"{flag}\")"
+        ));
+    }
+    let opened: Result<Arc<dyn Storage>, kms_store::StorageError> = match engine {
+        StorageEngine::File => FileStorage::open(dir).map(|s| {
+            if let Some(cut) = s.recovered_tail() {
+                tracing::warn!(%cut, "cut an unacknowledged torn write at the end of the log");
+            }
+            Arc::new(s) as Arc<dyn Storage>
+        }),
+        StorageEngine::Sled => SledStorage::open(dir).map(|s| Arc::new(s) as Arc<dyn Storage>),
+    };
+    opened.map_err(|e| {
+        format!("cannot open the state in {data_dir} (is another kmsd using it?): {e}")
+    })
+}
+
+fn open_offline(config: &Config) -> Result<Arc<dyn Storage>, String> {
     let dir = config.data_dir.join("state");
     if !dir.is_dir() {
         return Err(format!("{} holds no kmsd state", config.data_dir.display()));
     }
-    SledStorage::open(&config.data_dir.join("state")).map_err(|e| {
-        format!(
-            "cannot open {} (is kmsd still running on it?): {e}",
-            config.data_dir.display()
-        )
-    })
+    open_storage(config.storage_engine, &dir)
 }
 
 /// `kmsd inspect`: prints the data dir's content as JSON.
 pub fn inspect(config: &Config) -> std::process::ExitCode {
-    let result = open_offline(config).and_then(|s| kms_raft::offline::inspect(&s));
+    let result = open_offline(config).and_then(|s| kms_raft::offline::inspect(s.as_ref()));
     match result.and_then(|i| serde_json::to_string_pretty(&i).map_err(|e| e.to_string())) {
         Ok(json) => {
             println!("{json}");
@@ -415,7 +434,7 @@ pub fn recover(config: &Config) -> std::process::ExitCode {
         dns: crate::dns::advert(config),
     };
     let result = open_offline(config).and_then(|s| {
-        kms_raft::offline::force_single_node(&s, config.node_id, node, wall_clock_ms())
+        kms_raft::offline::force_single_node(s.as_ref(), config.node_id, node, wall_clock_ms())
     });
     match result {
         Ok(true) => {
