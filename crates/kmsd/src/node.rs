@@ -379,13 +379,13 @@ pub async fn healthcheck(url: &str, timeout_secs: u64) -> std::process::ExitCode
 /// would silently look empty).
 fn open_storage(engine: StorageEngine, dir: &Path) -> Result<Arc<dyn Storage>, String> {
     let data_dir = dir.parent().unwrap_or(dir).display();
-    let (other, marker, flag) = match engine {
-        StorageEngine::File => ("sled", "db", "sled"),
-        StorageEngine::Sled => ("file", "wal", "file"),
+    let (other, marker) = match engine {
+        StorageEngine::File => ("sled", "db"),
+        StorageEngine::Sled => ("file", "wal"),
     };
     if dir.join(marker).exists() {
         return Err(format!(
-            "{data_dir} holds state of the {other} storage engine: start with --storage-engine {flag} (or [storage] engine = \"{flag}\")"
+            "{data_dir} holds state of the {other} storage engine: start with --storage-engine {other} (or [storage] engine = \"{other}\")"
         ));
     }
     let opened: Result<Arc<dyn Storage>, kms_store::StorageError> = match engine {
@@ -397,9 +397,8 @@ fn open_storage(engine: StorageEngine, dir: &Path) -> Result<Arc<dyn Storage>, S
         }),
         StorageEngine::Sled => SledStorage::open(dir).map(|s| Arc::new(s) as Arc<dyn Storage>),
     };
-    opened.map_err(|e| {
-        format!("cannot open the state in {data_dir} (is another kmsd using it?): {e}")
-    })
+    // The engines name the cause themselves (e.g. the dir is in use by another process).
+    opened.map_err(|e| format!("cannot open the state in {data_dir}: {e}"))
 }
 
 fn open_offline(config: &Config) -> Result<Arc<dyn Storage>, String> {
