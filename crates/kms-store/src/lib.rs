@@ -5,6 +5,7 @@
 //! a `u64` index, plus a few named metadata values (vote, last snapshot, ...). Writes become
 //! durable at [`Storage::flush`], which the caller issues once per batch (group commit).
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
@@ -114,6 +115,19 @@ fn read_snapshot_file(dir: &Path) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_err("read snapshot", e)),
     }
+}
+
+/// [`Storage::scan_meta`] over an in-memory metadata map (memory and file backends).
+fn scan_prefix(
+    meta: &BTreeMap<String, Vec<u8>>,
+    prefix: &str,
+    limit: usize,
+) -> Vec<(String, Vec<u8>)> {
+    meta.range(prefix.to_owned()..)
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .take(limit)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Size of `<dir>/snapshot`, 0 when there is none.

@@ -83,14 +83,7 @@ impl Storage for MemoryStorage {
     }
 
     fn scan_meta(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>> {
-        Ok(self
-            .lock()?
-            .meta
-            .range(prefix.to_owned()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+        Ok(crate::scan_prefix(&self.lock()?.meta, prefix, limit))
     }
 
     fn flush(&self) -> Result<()> {
