@@ -315,6 +315,9 @@ async fn minority_node_keeps_answering_and_reconciles() {
         "{status}"
     );
     assert!(nodes[0].log().contains("no quorum"), "the outage is logged");
+    // It stays in a load balancer's rotation: ready for KMS clients.
+    let (code, body) = kms_tests::http_get(nodes[0].admin_addr, "/readyz?for=kms").unwrap();
+    assert_eq!(code, 200, "{body}");
     // The others return; the queue is proposed and every node ends with the same count.
     nodes[1].spawn_no_wait();
     nodes[2].spawn_no_wait();

@@ -14,7 +14,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::{require_token, Token};
-use crate::backend::{AdminBackend, ClusterStatus, JoinRequest, JoinResponse};
+use crate::backend::{AdminBackend, ClusterStatus, JoinRequest, JoinResponse, Readiness};
 use crate::error::{ApiError, ErrorBody};
 use crate::events::{ids, EventQuery};
 use crate::extract::{ApiJson, QueryParams, MAX_BODY_BYTES};
@@ -136,8 +136,17 @@ async fn healthz() -> Json<HealthResponse> {
     })
 }
 
-async fn readyz(State(s): State<AppState>) -> Response {
-    match s.backend.readiness() {
+/// `?for=member` (default: a caught-up member with a known leader) or `?for=kms` (able to
+/// answer KMS clients, also without a quorum).
+async fn readyz(State(s): State<AppState>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let mut q = QueryParams::parse(raw.as_deref())?;
+    let scope = q
+        .take("for")
+        .map(|v| Readiness::parse(&v).map_err(|e| ApiError::invalid("for", e)))
+        .transpose()?
+        .unwrap_or_default();
+    q.finish()?;
+    Ok(match s.backend.readiness(scope) {
         Ok(()) => Json(HealthResponse {
             status: "ready".into(),
             reason: None,
@@ -151,7 +160,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
             }),
         )
             .into_response(),
-    }
+    })
 }
 
 async fn metrics_handler(State(s): State<AppState>) -> Response {

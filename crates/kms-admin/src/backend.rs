@@ -148,6 +148,30 @@ pub enum BackendError {
     Internal(String),
 }
 
+/// What `/readyz` is asked about (`?for=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Readiness {
+    /// A caught-up member of a cluster with a known leader: what a rollout waits for
+    /// (the default).
+    #[default]
+    Member,
+    /// Able to answer KMS clients: a member with the host identity applied. Such a node keeps
+    /// answering from its committed state when it cannot reach a quorum, so a load balancer
+    /// should keep sending it clients.
+    Kms,
+}
+
+impl Readiness {
+    /// The `for` query value.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "member" => Ok(Self::Member),
+            "kms" => Ok(Self::Kms),
+            other => Err(format!("{other:?} is not member or kms")),
+        }
+    }
+}
+
 /// The node behind the admin surface.
 #[async_trait::async_trait]
 pub trait AdminBackend: Send + Sync + 'static {
@@ -156,9 +180,8 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// Current time in Unix milliseconds (injected so tests can move it).
     fn now_ms(&self) -> u64;
     fn node(&self) -> NodeStatus;
-    /// `Ok` when ready to serve (member of a cluster with a known leader, applied index
-    /// caught up); `Err(reason)` otherwise.
-    fn readiness(&self) -> Result<(), String>;
+    /// `Ok` when ready for `scope` (see [`Readiness`]); `Err(reason)` otherwise.
+    fn readiness(&self, scope: Readiness) -> Result<(), String>;
     async fn cluster(&self) -> Result<ClusterStatus, BackendError>;
     async fn join(&self, request: JoinRequest) -> Result<JoinResponse, BackendError>;
     async fn remove_member(&self, node_id: u64) -> Result<(), BackendError>;

@@ -19,7 +19,7 @@ pub mod views;
 pub use api::{openapi, ops_router, router, AdminOptions};
 pub use backend::{
     AdminBackend, BackendError, ClusterStatus, DnsAdvert, DnsDomainStatus, DnsStatus, JoinRequest,
-    JoinResponse, MemberStatus, NodeStatus, Role,
+    JoinResponse, MemberStatus, NodeStatus, Readiness, Role,
 };
 pub use error::{ApiError, ErrorBody};
 pub use events::{Event, EventLog, EventQuery};

@@ -106,7 +106,7 @@ pub async fn render_state_metrics(backend: &dyn AdminBackend) -> String {
     let mut out = String::with_capacity(4096);
     let node = backend.node();
     let now = backend.now_ms();
-    let ready = backend.readiness();
+    let ready = backend.readiness(crate::backend::Readiness::Member);
     let cluster = backend.cluster().await.ok();
     let dns = backend.dns();
     {

@@ -25,6 +25,8 @@ struct Fake {
     now: AtomicU64,
     events: Arc<EventLog>,
     proposals: Mutex<Vec<Command>>,
+    /// Emulates a node that lost its quorum.
+    no_leader: Mutex<bool>,
 }
 
 #[async_trait::async_trait]
@@ -50,8 +52,11 @@ impl AdminBackend for Fake {
             version: "test".into(),
         }
     }
-    fn readiness(&self) -> Result<(), String> {
-        Ok(())
+    fn readiness(&self, scope: Readiness) -> Result<(), String> {
+        match (scope, *self.no_leader.lock().unwrap()) {
+            (Readiness::Member, true) => Err("no known leader".into()),
+            _ => Ok(()),
+        }
     }
     async fn cluster(&self) -> Result<ClusterStatus, BackendError> {
         Ok(ClusterStatus {
@@ -165,6 +170,7 @@ fn fake() -> Arc<Fake> {
         now: AtomicU64::new(T0 + 1000),
         events: Arc::new(EventLog::new(100)),
         proposals: Mutex::new(Vec::new()),
+        no_leader: Mutex::new(false),
     })
 }
 
@@ -872,4 +878,31 @@ async fn dashboard_is_served_with_a_strict_policy() {
         !js.contains("innerHTML"),
         "client text must never be parsed as HTML"
     );
+}
+
+#[tokio::test]
+async fn readyz_scopes_member_and_kms() {
+    let backend = fake();
+    let app = app(backend.clone());
+    for path in ["/readyz", "/readyz?for=member", "/readyz?for=kms"] {
+        let (status, body) = call(&app, Method::GET, path, None, None).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+    // Without a leader the node is no ready member, but it still answers KMS clients.
+    *backend.no_leader.lock().unwrap() = true;
+    for path in ["/readyz", "/readyz?for=member"] {
+        let (status, body) = call(&app, Method::GET, path, None, None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["reason"], "no known leader");
+    }
+    let (status, _) = call(&app, Method::GET, "/readyz?for=kms", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    // A wrong scope or an unknown parameter is a 400 naming it.
+    for (path, field) in [("/readyz?for=dns", "for"), ("/readyz?fro=kms", "fro")] {
+        let (status, body) = call(&app, Method::GET, path, None, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["field"], field, "{body}");
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 
 use kms_admin::{
     AdminBackend, BackendError, ClusterStatus, DnsStatus, EventLog, JoinRequest, JoinResponse,
-    MemberStatus, NodeStatus, Role,
+    MemberStatus, NodeStatus, Readiness, Role,
 };
 use kms_core::{Command, CommandResult, State};
 use kms_raft::cluster::NodeRole;
@@ -161,10 +161,20 @@ impl AdminBackend for NodeBackend {
         }
     }
 
-    fn readiness(&self) -> Result<(), String> {
+    fn readiness(&self, scope: Readiness) -> Result<(), String> {
         let view = self.engine.view();
         if !view.initialized {
             return Err("not a member of a cluster yet".into());
+        }
+        if scope == Readiness::Kms {
+            // Without a leader the node still answers from its committed state (and queues
+            // the activations), so only the identity matters here.
+            return match self.engine.state().try_read() {
+                Ok(state) if state.identity().is_none() => {
+                    Err("host identity not initialised".into())
+                }
+                _ => Ok(()),
+            };
         }
         if view.leader_id.is_none() {
             return Err("no known leader".into());
