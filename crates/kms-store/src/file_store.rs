@@ -20,6 +20,12 @@
 //! entry are deleted. Deleting only a prefix keeps replay exact: every record in a kept segment
 //! is newer than every deleted one, so nothing deleted can affect what the kept ones rebuild,
 //! and the checkpoint carries the metadata forward.
+//!
+//! The current segment is zero-filled ahead of the writes, [`ZERO_AHEAD`] at a time. A record
+//! then overwrites blocks that already exist, and its `fdatasync` writes only data: appending
+//! to the end of a file also makes every sync write the inode (the new size), which measured
+//! 0.19 ms per sync against 0.13 ms here. Replay reads an all-zero header followed by nothing
+//! but zeros as the end of the records; a segment is cut to its records when it is closed.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -40,6 +46,8 @@ const SEGMENT_DIGITS: usize = 20;
 const HEADER_LEN: u64 = 8;
 /// Upper bound of a record body, so a corrupt length can never trigger a huge allocation.
 const MAX_BODY: usize = 64 << 20;
+/// The current segment is zero-filled this far beyond its last record.
+const ZERO_AHEAD: u64 = 1 << 20;
 /// Kind byte and index in front of an entry's data.
 const ENTRY_PREFIX: u64 = 9;
 
@@ -100,6 +108,8 @@ struct Segment {
     file: Arc<File>,
     /// End of the valid records; the next record is written there.
     size: u64,
+    /// Length of the file: the records, then zeros written ahead of them.
+    zeroed_to: u64,
     /// Live entries whose data is in this segment; 0 makes it deletable (if it is the oldest).
     live: u64,
 }
@@ -214,12 +224,50 @@ impl Inner {
         if let Err(e) = seg.file.write_all_at(buf, offset) {
             return Err(self.fail(format!("write {}: {e}", segment_path(wal, seq).display())));
         }
-        let len = buf.len() as u64;
         if let Some(seg) = self.segments.get_mut(&seq) {
-            seg.size = offset + len;
+            seg.size = offset + buf.len() as u64;
         }
         self.write_gen += 1;
+        self.zero_ahead(wal)?;
         Ok(offset)
+    }
+
+    /// Keeps at least half of [`ZERO_AHEAD`] of zeros after the current segment's records, so
+    /// most syncs rewrite existing blocks.
+    fn zero_ahead(&mut self, wal: &Path) -> Result<()> {
+        let seq = self.current;
+        let seg = self.current_segment()?;
+        let (end, zeroed_to) = (seg.size, seg.zeroed_to);
+        if end + ZERO_AHEAD / 2 <= zeroed_to {
+            return Ok(());
+        }
+        let new_zeroed_to = (end / ZERO_AHEAD + 2) * ZERO_AHEAD;
+        if let Err(e) = write_zeros(&seg.file, end.max(zeroed_to), new_zeroed_to) {
+            return Err(self.fail(format!("write {}: {e}", segment_path(wal, seq).display())));
+        }
+        if let Some(seg) = self.segments.get_mut(&seq) {
+            seg.zeroed_to = new_zeroed_to;
+        }
+        self.write_gen += 1;
+        Ok(())
+    }
+
+    /// Cuts the zeros off the end of the current segment (before it is closed).
+    fn trim_current(&mut self, wal: &Path) -> Result<()> {
+        let seq = self.current;
+        let seg = self.current_segment()?;
+        if seg.zeroed_to == seg.size {
+            return Ok(());
+        }
+        let size = seg.size;
+        if let Err(e) = seg.file.set_len(size) {
+            return Err(self.fail(format!("trim {}: {e}", segment_path(wal, seq).display())));
+        }
+        if let Some(seg) = self.segments.get_mut(&seq) {
+            seg.zeroed_to = size;
+        }
+        self.write_gen += 1;
+        Ok(())
     }
 
     /// fdatasync of the current segment, under the lock (roll and segment deletion).
@@ -326,6 +374,19 @@ fn put_record(buf: &mut Vec<u8>, parts: &[&[u8]]) -> Result<()> {
     Ok(())
 }
 
+/// Writes zeros over `from..to` of `file`.
+fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+    const CHUNK: usize = 64 << 10;
+    static ZEROS: [u8; CHUNK] = [0; CHUNK];
+    let mut at = from;
+    while at < to {
+        let n = usize::try_from(to - at).map_or(CHUNK, |left| left.min(CHUNK));
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 fn put_entry(buf: &mut Vec<u8>, index: u64, data: &[u8]) -> Result<()> {
     put_record(buf, &[&[KIND_ENTRY], &index.to_le_bytes(), data])
 }
@@ -388,6 +449,7 @@ fn list_segments(wal: &Path) -> Result<Vec<u64>> {
 }
 
 /// Why a record could not be read.
+#[derive(Debug, PartialEq)]
 enum BadRecord {
     /// Torn or damaged: tolerated at the end of the last segment.
     Damaged(String),
@@ -419,6 +481,13 @@ fn replay_segment(
         let [l0, l1, l2, l3, c0, c1, c2, c3] = header;
         let body_len = u32::from_le_bytes([l0, l1, l2, l3]);
         let crc = u32::from_le_bytes([c0, c1, c2, c3]);
+        if body_len == 0 && crc == 0 {
+            // Zeros written ahead of the records end them, if nothing but zeros follows.
+            if rest_is_zero(&mut reader).map_err(|e| io_at("read", path, e))? {
+                return Ok((pos, None));
+            }
+            return Ok((pos, Some(BadRecord::Damaged("empty record header".into()))));
+        }
         let body_len_usize = usize::try_from(body_len).unwrap_or(usize::MAX);
         if body_len == 0
             || body_len_usize > MAX_BODY
@@ -446,6 +515,20 @@ fn replay_segment(
         pos += HEADER_LEN + u64::from(body_len);
     }
     Ok((pos, None))
+}
+
+/// Whether everything left in `reader` is zero.
+fn rest_is_zero(reader: &mut impl Read) -> io::Result<bool> {
+    let mut buf = [0u8; 64 << 10];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+    }
 }
 
 impl FileStorage {
@@ -515,15 +598,22 @@ impl FileStorage {
                 Segment {
                     file: file.clone(),
                     size: 0,
+                    zeroed_to: 0,
                     live: 0,
                 },
             );
             let (valid, bad) = replay_segment(&mut inner, seq, &file, &path)?;
+            let file_len = file.metadata().map_err(|e| io_at("stat", &path, e))?.len();
             match bad {
+                None if is_last && file_len > valid => {
+                    // The zeros written ahead of the last records: no longer needed.
+                    file.set_len(valid)
+                        .and_then(|()| file.sync_all())
+                        .map_err(|e| io_at("trim", &path, e))?;
+                }
                 None => {}
                 Some(BadRecord::Damaged(why)) if is_last => {
                     // A torn tail: cut it (durably, as a later segment will follow it).
-                    let file_len = file.metadata().map_err(|e| io_at("stat", &path, e))?.len();
                     file.set_len(valid)
                         .and_then(|()| file.sync_all())
                         .map_err(|e| io_at("truncate torn tail of", &path, e))?;
@@ -548,6 +638,7 @@ impl FileStorage {
             }
             if let Some(seg) = inner.segments.get_mut(&seq) {
                 seg.size = valid;
+                seg.zeroed_to = if is_last { valid } else { file_len };
             }
         }
 
@@ -593,6 +684,15 @@ impl FileStorage {
         self.recovered.as_deref()
     }
 
+    /// End of the records in the current segment.
+    #[cfg(test)]
+    fn record_end(&self) -> u64 {
+        self.lock()
+            .ok()
+            .and_then(|inner| inner.current_segment().ok().map(|seg| seg.size))
+            .unwrap_or(0)
+    }
+
     /// Number of segment files (for tests and metrics).
     pub fn segment_count(&self) -> Result<usize> {
         Ok(self.lock()?.segments.len())
@@ -613,6 +713,7 @@ impl FileStorage {
             Segment {
                 file: Arc::new(file),
                 size: 0,
+                zeroed_to: 0,
                 live: 0,
             },
         );
@@ -626,7 +727,9 @@ impl FileStorage {
                 return Err(inner.fail(format!("checkpoint of {}: {e}", path.display())));
             }
         }
-        if !checkpoint.is_empty() {
+        if checkpoint.is_empty() {
+            inner.zero_ahead(&self.wal)?;
+        } else {
             inner.write(&checkpoint, &self.wal)?;
         }
         inner.sync_current(&self.wal)?;
@@ -642,7 +745,8 @@ impl FileStorage {
             return Ok(());
         }
         // Everything in the old segment is durable before a newer segment exists, so only the
-        // last segment can ever end in a torn record.
+        // last segment can ever end in a torn record (or in zeros written ahead).
+        inner.trim_current(&self.wal)?;
         inner.sync_current(&self.wal)?;
         let next = inner
             .current
@@ -852,7 +956,12 @@ impl Storage for FileStorage {
     }
 
     fn size_on_disk(&self) -> Result<u64> {
-        let wal: u64 = self.lock()?.segments.values().map(|s| s.size).sum();
+        let wal: u64 = self
+            .lock()?
+            .segments
+            .values()
+            .map(|s| s.size.max(s.zeroed_to))
+            .sum();
         Ok(wal + crate::snapshot_file_size(&self.dir))
     }
 
@@ -1044,20 +1153,24 @@ mod tests {
     #[test]
     fn torn_tail_is_cut_and_flushed_entries_survive() {
         let base = tempfile::tempdir().unwrap();
-        let (flushed_len, full_len) = {
+        let (flushed_len, full_len, file_len) = {
             let store = FileStorage::open(base.path()).unwrap();
             store.put_meta("vote", b"v1").unwrap();
             let batch: Vec<_> = (1..=5).map(|i| (i, payload(i, 0))).collect();
             store.append(&batch).unwrap();
             store.flush().unwrap();
-            let last = segment_files(base.path()).pop().unwrap();
-            let flushed_len = fs::metadata(&last).unwrap().len();
+            let flushed_len = store.record_end();
             store.append(&[(6, vec![0xAB; 200])]).unwrap();
-            (flushed_len, fs::metadata(&last).unwrap().len())
+            let last = segment_files(base.path()).pop().unwrap();
+            let file_len = fs::metadata(&last).unwrap().len();
+            (flushed_len, store.record_end(), file_len)
         };
         assert_eq!(full_len, flushed_len + HEADER_LEN + ENTRY_PREFIX + 200);
+        assert!(file_len >= full_len + ZERO_AHEAD / 2, "zeros written ahead");
 
-        // (cut at, garbage appended after the cut)
+        // (cut at, bytes written at the cut); a crash loses everything after the flush, and
+        // whatever of the unflushed write reached the disk stays, with or without the zeros
+        // written ahead (`keep_zeros`).
         let cases: Vec<(u64, &[u8])> = vec![
             (flushed_len + 1, b""),
             (flushed_len + 4, b""),
@@ -1067,37 +1180,55 @@ mod tests {
             (full_len - 1, b""),
             (flushed_len, &[0u8; 64]),
             (flushed_len, b"\x05\x00\x00\x00garbage!!"),
+            (
+                flushed_len,
+                b"\x00\x00\x00\x00\x00\x00\x00\x00 data after an empty header",
+            ),
             (flushed_len + 30, &[0xff; 3]),
             (full_len - 1, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]),
         ];
-        for (cut, garbage) in cases {
-            let dir = tempfile::tempdir().unwrap();
-            copy_store(base.path(), dir.path());
-            let last = segment_files(dir.path()).pop().unwrap();
-            let file = OpenOptions::new().write(true).open(&last).unwrap();
-            file.set_len(cut).unwrap();
-            file.write_all_at(garbage, cut).unwrap();
-            drop(file);
+        for keep_zeros in [false, true] {
+            for &(cut, garbage) in &cases {
+                let dir = tempfile::tempdir().unwrap();
+                copy_store(base.path(), dir.path());
+                let last = segment_files(dir.path()).pop().unwrap();
+                let file = OpenOptions::new().write(true).open(&last).unwrap();
+                file.set_len(cut).unwrap();
+                file.write_all_at(garbage, cut).unwrap();
+                if keep_zeros {
+                    file.set_len(file_len).unwrap();
+                }
+                drop(file);
 
-            let store = FileStorage::open(dir.path()).unwrap();
-            let note = store.recovered_tail().unwrap_or_default().to_owned();
-            assert!(note.contains(&format!("offset {flushed_len}")), "{note}");
-            assert_eq!(store.bounds().unwrap(), Some((1, 5)), "cut {cut}");
-            assert_eq!(
-                store.read_range(0, 100).unwrap(),
-                (1..=5).map(|i| (i, payload(i, 0))).collect::<Vec<_>>()
-            );
-            assert_eq!(store.get_meta("vote").unwrap().as_deref(), Some(&b"v1"[..]));
-            assert_eq!(fs::metadata(&last).unwrap().len(), flushed_len);
-            store.append(&[(6, b"again".to_vec())]).unwrap();
-            store.flush().unwrap();
-            drop(store);
-            let store = FileStorage::open(dir.path()).unwrap();
-            assert_eq!(store.recovered_tail(), None);
-            assert_eq!(
-                store.read_range(5, 7).unwrap(),
-                vec![(5, payload(5, 0)), (6, b"again".to_vec())]
-            );
+                let store = FileStorage::open(dir.path()).unwrap();
+                let case = format!("cut {cut}, keep zeros {keep_zeros}, {garbage:?}");
+                let note = store.recovered_tail().unwrap_or_default().to_owned();
+                let lost_nothing = cut == flushed_len && garbage.iter().all(|&b| b == 0);
+                if lost_nothing {
+                    assert_eq!(note, "", "zeros are the clean end: {case}");
+                } else {
+                    assert!(
+                        note.contains(&format!("offset {flushed_len}")),
+                        "{case}: {note}"
+                    );
+                }
+                assert_eq!(store.bounds().unwrap(), Some((1, 5)), "{case}");
+                assert_eq!(
+                    store.read_range(0, 100).unwrap(),
+                    (1..=5).map(|i| (i, payload(i, 0))).collect::<Vec<_>>()
+                );
+                assert_eq!(store.get_meta("vote").unwrap().as_deref(), Some(&b"v1"[..]));
+                assert_eq!(fs::metadata(&last).unwrap().len(), flushed_len, "{case}");
+                store.append(&[(6, b"again".to_vec())]).unwrap();
+                store.flush().unwrap();
+                drop(store);
+                let store = FileStorage::open(dir.path()).unwrap();
+                assert_eq!(store.recovered_tail(), None);
+                assert_eq!(
+                    store.read_range(5, 7).unwrap(),
+                    vec![(5, payload(5, 0)), (6, b"again".to_vec())]
+                );
+            }
         }
 
         // Garbage after a complete record only loses the garbage.
@@ -1111,6 +1242,65 @@ mod tests {
         assert!(store.recovered_tail().is_some());
         assert_eq!(store.bounds().unwrap(), Some((1, 6)));
         assert_eq!(store.read_range(6, 7).unwrap(), vec![(6, vec![0xAB; 200])]);
+    }
+
+    #[test]
+    fn zeros_are_written_ahead_and_cut_when_a_segment_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = FileOptions {
+            segment_bytes: 3 * ZERO_AHEAD,
+        };
+        let data = vec![0x5A; 100_000];
+        {
+            let store = FileStorage::open_with(dir.path(), options).unwrap();
+            let mut index = 1;
+            while store.segment_count().unwrap() < 3 {
+                store.append(&[(index, data.clone())]).unwrap();
+                store.flush().unwrap();
+                let end = store.record_end();
+                let last = segment_files(dir.path()).pop().unwrap();
+                let len = fs::metadata(&last).unwrap().len();
+                assert!(
+                    len >= end + ZERO_AHEAD / 2,
+                    "entry {index}: {len} < {end} + 0.5 MiB"
+                );
+                assert!(
+                    len <= end + 2 * ZERO_AHEAD,
+                    "entry {index}: {len} > {end} + 2 MiB"
+                );
+                index += 1;
+            }
+            // Closed segments end with their last record: a file that ended in zeros would
+            // replay as a clean end, not as damage, only in the last segment.
+            let files = segment_files(dir.path());
+            for closed in &files[..files.len() - 1] {
+                let bytes = fs::read(closed).unwrap();
+                assert!(bytes.len() as u64 >= options.segment_bytes);
+                let file = File::open(closed).unwrap();
+                let mut inner = Inner::default();
+                let (valid, bad) = replay_segment(&mut inner, 1, &file, closed).unwrap();
+                assert_eq!(
+                    (valid, bad),
+                    (bytes.len() as u64, None),
+                    "{}",
+                    closed.display()
+                );
+            }
+        }
+        // A clean reopen: nothing reported, the old last segment trimmed, every entry there.
+        let before = segment_files(dir.path());
+        let store = FileStorage::open_with(dir.path(), options).unwrap();
+        assert_eq!(store.recovered_tail(), None);
+        let old_last = before.last().unwrap();
+        let bytes = fs::read(old_last).unwrap();
+        assert_ne!(bytes.last(), Some(&0), "trimmed to its records");
+        let (first, last) = store.bounds().unwrap().unwrap();
+        let all = store.read_range(first, last + 1).unwrap();
+        assert!(
+            all.len() >= 30 && all.iter().all(|(_, d)| *d == data),
+            "{}",
+            all.len()
+        );
     }
 
     #[test]
