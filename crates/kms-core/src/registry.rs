@@ -301,6 +301,9 @@ struct Entry {
     protocol: (u16, u16),
     is_vm: bool,
     activated: bool,
+    /// The client's clock (FILETIME) in its last registered request: a request applied again
+    /// (the same CMID and time, resent inside the cluster) is recognised by it.
+    last_request_time: u64,
 }
 
 /// A borrowed view of one registered client.
@@ -399,6 +402,98 @@ struct RegistryRepr {
     lists: BTreeMap<Uuid, BTreeMap<Uuid, Entry>>,
 }
 
+/// The registry as snapshot format 1 wrote it (before `last_request_time`); still read.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+pub(crate) struct RegistryReprV1 {
+    products: Vec<Option<ProductKey>>,
+    suffixes: Vec<Option<Box<str>>>,
+    lists: BTreeMap<Uuid, BTreeMap<Uuid, EntryV1>>,
+}
+
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct EntryV1 {
+    first_seen: UnixMillis,
+    last_seen: UnixMillis,
+    host: CompactString,
+    suffix: u32,
+    product: u32,
+    address: CompactAddress,
+    request_count: u32,
+    last_count: u32,
+    license_status: u32,
+    protocol: (u16, u16),
+    is_vm: bool,
+    activated: bool,
+}
+
+impl TryFrom<RegistryReprV1> for Registry {
+    type Error = String;
+
+    fn try_from(v1: RegistryReprV1) -> Result<Self, String> {
+        let lists = v1
+            .lists
+            .into_iter()
+            .map(|(list, clients)| {
+                let clients = clients
+                    .into_iter()
+                    .map(|(cmid, e)| {
+                        let entry = Entry {
+                            first_seen: e.first_seen,
+                            last_seen: e.last_seen,
+                            host: e.host,
+                            suffix: e.suffix,
+                            product: e.product,
+                            address: e.address,
+                            request_count: e.request_count,
+                            last_count: e.last_count,
+                            license_status: e.license_status,
+                            protocol: e.protocol,
+                            is_vm: e.is_vm,
+                            activated: e.activated,
+                            last_request_time: 0,
+                        };
+                        (cmid, entry)
+                    })
+                    .collect();
+                (list, clients)
+            })
+            .collect();
+        Registry::try_from(RegistryRepr {
+            products: v1.products,
+            suffixes: v1.suffixes,
+            lists,
+        })
+    }
+}
+
+#[cfg(test)]
+impl RegistryReprV1 {
+    /// One client in format 1, for the snapshot upgrade test.
+    pub(crate) fn sample(list: Uuid, cmid: Uuid, product: ProductKey, request_count: u32) -> Self {
+        let entry = EntryV1 {
+            first_seen: 1,
+            last_seen: 2,
+            host: CompactString::new("pc1"),
+            suffix: 0,
+            product: 0,
+            address: CompactAddress::new(None),
+            request_count,
+            last_count: 7,
+            license_status: 1,
+            protocol: (6, 0),
+            is_vm: false,
+            activated: true,
+        };
+        Self {
+            products: vec![Some(product)],
+            suffixes: vec![Some(".example.com".into())],
+            lists: BTreeMap::from([(list, BTreeMap::from([(cmid, entry)]))]),
+        }
+    }
+}
+
 /// Serialized by reference: a snapshot of a large registry must not need a copy of it.
 impl Serialize for Registry {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -479,6 +574,14 @@ fn intern_suffix(suffixes: &mut Interner<Box<str>>, suffix: Option<&str>) -> u32
 /// Copies the facts of a granted request into its client's entry. `name` is the product,
 /// the host label and the DNS suffix of the request.
 #[allow(clippy::too_many_arguments)]
+/// Whether a request with the client time `request_time` is the one already registered in
+/// `entry`. A client stamps every request with its clock in 100 ns units, so a second
+/// request of one machine with the same time is the same request applied twice (a commit
+/// that outlived its answer deadline and was also queued or retried). Time 0 is never one.
+fn is_repeat(entry: &Entry, request_time: u64) -> bool {
+    request_time != 0 && entry.last_request_time == request_time
+}
+
 fn refresh(
     products: &mut Interner<ProductKey>,
     suffixes: &mut Interner<Box<str>>,
@@ -515,7 +618,10 @@ fn refresh(
     entry.is_vm = request.is_client_vm;
     entry.first_seen = entry.first_seen.min(now);
     entry.last_seen = now;
-    entry.request_count = entry.request_count.saturating_add(1);
+    if !is_repeat(entry, request.request_time) {
+        entry.request_count = entry.request_count.saturating_add(1);
+    }
+    entry.last_request_time = request.request_time;
     entry.last_count = count;
     entry.activated = activated;
 }
@@ -598,6 +704,14 @@ impl Registry {
         self.record_within(list, request, now, count, activated, MAX_CLIENTS);
     }
 
+    /// Whether `request` was already registered under `list` (see [`is_repeat`]).
+    pub fn is_repeat(&self, list: &Uuid, request: &ActivationRequest) -> bool {
+        self.lists
+            .get(list)
+            .and_then(|clients| clients.get(&request.client_machine_id))
+            .is_some_and(|entry| is_repeat(entry, request.request_time))
+    }
+
     /// [`Registry::record`] with an explicit bound (tests use a small one).
     pub fn record_within(
         &mut self,
@@ -663,6 +777,7 @@ impl Registry {
                 protocol: (request.protocol_major, request.protocol_minor),
                 is_vm: request.is_client_vm,
                 activated,
+                last_request_time: 0,
             },
         };
         refresh(

@@ -23,7 +23,9 @@ pub const HR_CLOCK_SKEW: u32 = 0xC004_F06C;
 /// Snapshot header: magic then format version, so a foreign or future file is rejected
 /// with a clear error instead of being misread.
 const SNAPSHOT_MAGIC: &[u8; 4] = b"KMSS";
-const SNAPSHOT_VERSION: u8 = 1;
+/// 2 added each client's last request time (to recognise a request applied twice); 1 is
+/// still read.
+const SNAPSHOT_VERSION: u8 = 2;
 
 /// Why a snapshot could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,8 @@ pub enum SnapshotError {
     Decode(#[from] postcard::Error),
     #[error("corrupt snapshot: {0} trailing bytes")]
     TrailingBytes(usize),
+    #[error("corrupt snapshot: {0}")]
+    Invalid(String),
 }
 
 /// Count summary of one application list (like `slmgr /dlv` on a KMS host).
@@ -49,6 +53,17 @@ pub struct AppCount {
     /// 2 × `max_n_seen` (at least 1).
     pub capacity: u32,
     pub max_n_seen: u32,
+}
+
+/// [`State`] as snapshot format 1 wrote it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct StateV1 {
+    identity: Option<HostIdentity>,
+    policy: Policy,
+    counting: Counting,
+    registry: crate::registry::RegistryReprV1,
+    statistics: Statistics,
 }
 
 /// The whole replicated state. Serializable as a snapshot.
@@ -107,7 +122,13 @@ impl State {
     /// cache and the registry).
     fn activate(&mut self, now: UnixMillis, request: &ActivationRequest) -> ActivationOutcome {
         let list = application_list(&request.application_id, &request.kms_counted_id);
+        // The same request applied a second time (resent inside the cluster after its answer
+        // deadline) is answered again but is not a second request of the client.
+        let repeat = self.registry.is_repeat(&list.id, request);
         let outcome = self.decide(now, request, &list);
+        if repeat {
+            return outcome;
+        }
         let refusal = match &outcome {
             ActivationOutcome::Granted(_) => None,
             ActivationOutcome::Refused(r) => Some(r.hresult),
@@ -364,13 +385,64 @@ impl State {
             .strip_prefix(SNAPSHOT_MAGIC.as_slice())
             .ok_or(SnapshotError::BadMagic)?;
         let (&version, body) = body.split_first().ok_or(SnapshotError::BadMagic)?;
-        if version != SNAPSHOT_VERSION {
-            return Err(SnapshotError::UnsupportedVersion(version));
-        }
-        let (state, rest) = postcard::take_from_bytes::<State>(body)?;
+        let (state, rest) = match version {
+            SNAPSHOT_VERSION => postcard::take_from_bytes::<State>(body)?,
+            1 => {
+                let (v1, rest) = postcard::take_from_bytes::<StateV1>(body)?;
+                let state = State {
+                    identity: v1.identity,
+                    policy: v1.policy,
+                    counting: v1.counting,
+                    registry: Registry::try_from(v1.registry).map_err(SnapshotError::Invalid)?,
+                    statistics: v1.statistics,
+                };
+                (state, rest)
+            }
+            other => return Err(SnapshotError::UnsupportedVersion(other)),
+        };
         if !rest.is_empty() {
             return Err(SnapshotError::TrailingBytes(rest.len()));
         }
         Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{ProductKey, RegistryReprV1};
+
+    #[test]
+    fn format_1_snapshots_are_read() {
+        let list = Uuid::from_u128(0x11);
+        let cmid = Uuid::from_u128(0x22);
+        let product = ProductKey {
+            application_id: Uuid::from_u128(1),
+            sku_id: Uuid::from_u128(2),
+            kms_counted_id: Uuid::from_u128(3),
+        };
+        let v1 = StateV1 {
+            identity: None,
+            policy: Policy::default(),
+            counting: Counting::default(),
+            registry: RegistryReprV1::sample(list, cmid, product, 9),
+            statistics: Statistics::default(),
+        };
+        let mut bytes = SNAPSHOT_MAGIC.to_vec();
+        bytes.push(1);
+        bytes.extend(postcard::to_allocvec(&v1).unwrap());
+        let state = State::from_snapshot(&bytes).unwrap();
+        let clients = state.client(&cmid);
+        assert_eq!(clients.len(), 1);
+        assert_eq!(clients[0].request_count, 9);
+        assert_eq!(&*clients[0].workstation, "pc1.example.com");
+        // Written back in the current format, and equal after another round.
+        let again = State::from_snapshot(&state.to_snapshot()).unwrap();
+        assert!(again == state);
+        assert_eq!(state.to_snapshot()[SNAPSHOT_MAGIC.len()], SNAPSHOT_VERSION);
+        // Format 1 bytes cut short are an error, not a panic.
+        for cut in [bytes.len() - 1, 6] {
+            assert!(State::from_snapshot(&bytes[..cut]).is_err());
+        }
     }
 }

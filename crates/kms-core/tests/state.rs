@@ -878,3 +878,44 @@ fn provisional_answers_match_what_committing_the_queue_gives() {
     );
     assert_eq!(count(&mut fresh, now, server(1, now)), 1);
 }
+
+#[test]
+fn a_request_applied_twice_counts_once() {
+    let mut s = ready_state();
+    count(&mut s, T0, win10(1, T0));
+    let first = grant(one(&mut s, T0 + 1000, server(2, T0 + 1000)));
+    // The same request again (a commit that outlived its answer deadline, also queued):
+    // answered alike, but neither the statistics nor the client's request count move.
+    let again = grant(one(&mut s, T0 + 60_000, server(2, T0 + 1000)));
+    assert_eq!(again.current_count, first.current_count);
+    assert_eq!(again.epid, first.epid);
+    assert_eq!(s.statistics().total_requests, 2);
+    assert_eq!(s.client(&cmid(2))[0].request_count, 1);
+    // In one batch too.
+    let both = activate(
+        &mut s,
+        T0 + 70_000,
+        vec![win10(3, T0 + 70_000), win10(3, T0 + 70_000)],
+    );
+    assert!(both.iter().all(|o| grant(o.clone()).current_count == 3));
+    assert_eq!(s.statistics().total_requests, 3);
+    assert_eq!(s.client(&cmid(3))[0].request_count, 1);
+    // A later request of the same machine is a new request (a renewal).
+    assert_eq!(count(&mut s, T0 + 90_000, server(2, T0 + 90_000)), 3);
+    assert_eq!(s.statistics().total_requests, 4);
+    assert_eq!(s.client(&cmid(2))[0].request_count, 2);
+    // A client without a clock (time 0) is never taken for a repeat.
+    for _ in 0..2 {
+        let mut r = win10(4, T0);
+        r.request_time = 0;
+        one(&mut s, T0 + 100_000, r);
+    }
+    assert_eq!(s.client(&cmid(4))[0].request_count, 2);
+    assert_eq!(s.statistics().total_requests, 6);
+    // The repeat marker survives a snapshot, so replicas agree after a restore.
+    let mut restored = State::from_snapshot(&s.to_snapshot()).unwrap();
+    one(&mut restored, T0 + 200_000, server(2, T0 + 90_000));
+    one(&mut s, T0 + 200_000, server(2, T0 + 90_000));
+    assert_eq!(restored.statistics().total_requests, 6);
+    assert!(restored == s);
+}

@@ -369,8 +369,8 @@ impl Cluster {
                     }
                 }
                 Ok(Ok(Err(e))) => tracing::debug!(error = %e, "batch not committed"),
-                // Deadline passed (the batch may still commit; the queued copy is then a
-                // harmless renewal of the same CMID).
+                // Deadline passed (the batch may still commit; `apply` then recognises the
+                // queued copy by its CMID and client time and does not count it again).
                 Err(_) => break,
                 Ok(_) => {}
             }
