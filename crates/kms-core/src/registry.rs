@@ -571,9 +571,6 @@ fn intern_suffix(suffixes: &mut Interner<Box<str>>, suffix: Option<&str>) -> u32
     }
 }
 
-/// Copies the facts of a granted request into its client's entry. `name` is the product,
-/// the host label and the DNS suffix of the request.
-#[allow(clippy::too_many_arguments)]
 /// Whether a request with the client time `request_time` is the one already registered in
 /// `entry`. A client stamps every request with its clock in 100 ns units, so a second
 /// request of one machine with the same time is the same request applied twice (a commit
@@ -582,6 +579,9 @@ fn is_repeat(entry: &Entry, request_time: u64) -> bool {
     request_time != 0 && entry.last_request_time == request_time
 }
 
+/// Copies the facts of a granted request into its client's entry. `name` is the product,
+/// the host label and the DNS suffix of the request.
+#[allow(clippy::too_many_arguments)]
 fn refresh(
     products: &mut Interner<ProductKey>,
     suffixes: &mut Interner<Box<str>>,
