@@ -3,6 +3,7 @@
 //! them and forwards to the leader).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use kms_admin::{
@@ -38,6 +39,8 @@ pub struct NodeBackend {
     events: Arc<EventLog>,
     dns: DnsHandle,
     addresses: Addresses,
+    /// Set once the KMS listeners are bound: before that no probe may call the node ready.
+    kms_serving: AtomicBool,
 }
 
 impl NodeBackend {
@@ -54,7 +57,13 @@ impl NodeBackend {
             events,
             dns,
             addresses,
+            kms_serving: AtomicBool::new(false),
         }
+    }
+
+    /// Called once the KMS listeners accept connections.
+    pub fn set_kms_serving(&self) {
+        self.kms_serving.store(true, Ordering::Release);
     }
 
     fn leader_admin(&self) -> Option<String> {
@@ -165,6 +174,9 @@ impl AdminBackend for NodeBackend {
         let view = self.engine.view();
         if !view.initialized {
             return Err("not a member of a cluster yet".into());
+        }
+        if !self.kms_serving.load(Ordering::Acquire) {
+            return Err("KMS listeners not open yet".into());
         }
         if scope == Readiness::Kms {
             // Without a leader the node still answers from its committed state (and queues

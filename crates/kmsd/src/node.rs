@@ -198,6 +198,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             kms.clone().serve(listener, shutdown_rx.clone()),
         ));
     }
+    admin_backend.set_kms_serving();
 
     let dns_sink: crate::dns::OutcomeSink = Arc::new(|o: &kms_dns::Outcome| match &o.result {
         Ok(report) => {
