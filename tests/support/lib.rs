@@ -147,20 +147,31 @@ impl Node {
     /// Waits until `/readyz` answers 200 and the KMS port accepts connections.
     pub fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        let mut last = String::from("no answer from /readyz");
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     panic!("kmsd exited early with {status}; log:\n{}", self.log());
                 }
             }
-            if let Ok((200, _)) = http_get(self.admin_addr, "/readyz") {
-                if TcpStream::connect_timeout(&self.kms_addr, Duration::from_millis(200)).is_ok() {
-                    return;
+            match http_get(self.admin_addr, "/readyz") {
+                Ok((200, _)) => {
+                    if TcpStream::connect_timeout(&self.kms_addr, Duration::from_millis(200))
+                        .is_ok()
+                    {
+                        return;
+                    }
+                    last = format!("ready, but KMS port {} refuses", self.kms_addr);
                 }
+                Ok((code, body)) => last = format!("/readyz {code}: {body}"),
+                Err(e) => last = format!("/readyz: {e}"),
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("kmsd not ready after {timeout:?}; log:\n{}", self.log());
+        panic!(
+            "kmsd not ready after {timeout:?} (last: {last}); log:\n{}",
+            self.log()
+        );
     }
 
     pub fn pid(&self) -> Option<u32> {
