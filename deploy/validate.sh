@@ -14,7 +14,7 @@
 #      and the BIND configuration (named-checkconf, named-checkzone)
 #   6. systemd: `systemd-analyze verify` and the unit's exposure score
 #      (`systemd-analyze security --offline`), example configuration parses
-#   7. shellcheck on the deployment scripts
+#   7. shellcheck on the deployment, test and CI scripts
 #   8. with KMSD_BIN=path/to/kmsd and a kmsd that has `check-config`: every example and
 #      rendered node configuration is accepted by kmsd itself
 #
@@ -223,8 +223,10 @@ fi
 # ---- 7. shell scripts ---------------------------------------------------------------------
 step "7. shellcheck"
 if command -v shellcheck >/dev/null; then
-    run "shellcheck deploy/*.sh deploy/compose/bind/dns-init.sh" shellcheck -x --severity=warning \
-        deploy/install-tools.sh deploy/validate.sh deploy/local-stack.sh deploy/compose/bind/dns-init.sh
+    run "shellcheck deploy/*.sh deploy/compose/bind/dns-init.sh tests/**/*.sh .ci/run" \
+        shellcheck -x --severity=warning \
+        deploy/install-tools.sh deploy/validate.sh deploy/local-stack.sh deploy/compose/bind/dns-init.sh \
+        tests/*.sh tests/bench/*.sh tests/dns/*.sh tests/ops/*.sh .ci/run
 else
     missing shellcheck shellcheck
 fi

@@ -94,7 +94,7 @@ kill -9 "${PID[9]}"; unset 'PID[9]'
 echo
 echo "## 2. Failover: leader kill -9 -> first committed activation through a survivor ($TRIALS trials)"
 : > "$WORK/failover.txt"
-for t in $(seq 1 "$TRIALS"); do
+for _ in $(seq 1 "$TRIALS"); do
   L=$(leader_of 1 2>/dev/null || leader_of 2)
   S=$(( L == 1 ? 2 : 1 ))
   t0=$(date +%s%N)

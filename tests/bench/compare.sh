@@ -51,12 +51,14 @@ REF_PORT=${REF_PORT:-24820}
 "$BIN/kmsd" --kms-listen "127.0.0.1:$KMSD_PORT" --admin-listen 127.0.0.1:24811 \
   --raft-listen 127.0.0.1:24812 --data-dir "$WORK/kmsd" --log-level warn 2>"$WORK/kmsd.log" &
 pids+=($!); KMSD_PID=$!
-KMSD_GROUP=$(account kmsd "$KMSD_PID"); groups+=($KMSD_GROUP)
+KMSD_GROUP=$(account kmsd "$KMSD_PID")
+[ -n "$KMSD_GROUP" ] && groups+=("$KMSD_GROUP")
 REF_GROUP=""
 if [ -n "${VLMCSD:-}" ]; then
   "$VLMCSD" -D -L "127.0.0.1:$REF_PORT" -N1 -B1 -m 1000 -t 30 >"$WORK/ref.log" 2>&1 &
   pids+=($!)
-  REF_GROUP=$(account ref $!); groups+=($REF_GROUP)
+  REF_GROUP=$(account ref $!)
+  [ -n "$REF_GROUP" ] && groups+=("$REF_GROUP")
 fi
 sleep 1
 

@@ -23,7 +23,7 @@
 # Stop it with stop-dns.sh DIR (by pid, never by name).
 set -eu
 
-PROG=start-dns
+PROG='start-dns'
 err() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 die() { err "$*"; exit 1; }
 
@@ -65,6 +65,7 @@ DIR=$(CDPATH='' cd -- "$DIR_ARG" && pwd -P)
 case $DIR in *'"'*|*\\*|*'|'*|*'&'*|*' '*) die "DIR must not contain spaces or \" \\ | &: $DIR" ;; esac
 # named started by root keeps only CAP_NET_BIND_SERVICE, so it cannot use a DIR owned by
 # somebody else either.
+# shellcheck disable=SC3067  # dash and bash both have test -O
 [ -O "$DIR" ] || die "DIR must be owned by the user running this script: $DIR"
 chmod 700 "$DIR"   # holds the secrets
 
