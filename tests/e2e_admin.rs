@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use kms_tests::{binary, free_port, metric_value, Node};
+use kms_tests::{binary, free_port, metric_value, now_ms, Node};
 use kms_wire::client::BindOptions;
 use kmsctl::admin_client::AdminClient;
 use kmsctl::client::{Answer, KmsClient};
@@ -17,13 +17,6 @@ use uuid::Uuid;
 
 const TOKEN: &str = "e2e-admin-token-0123456789";
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// Sends `n` requests for `product` with `license_status`, each with a new CMID, on one
 /// connection; returns how many were granted and how many refused (with their HRESULTs).

@@ -6,18 +6,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use kms_tests::{http_get, metric_value, Node};
+use kms_tests::{http_get, metric_value, now_ms, Node};
 use kms_wire::client::{BindOptions, CallResult, ClientConnection};
 use kms_wire::kms::{encode_request, filetime};
 use kmsctl::products::{resolve, RequestTemplate};
 use uuid::Uuid;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// What the server did with our bytes.
 #[derive(Debug, PartialEq)]

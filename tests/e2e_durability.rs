@@ -2,20 +2,13 @@
 
 use std::time::Duration;
 
-use kms_tests::{http_get, metric_value, Node};
+use kms_tests::{http_get, metric_value, now_ms, Node};
 use kms_wire::client::BindOptions;
 use kmsctl::client::{Answer, KmsClient};
 use kmsctl::products::{resolve, RequestTemplate};
 use uuid::Uuid;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 async fn activate(node: &Node, t: &RequestTemplate, cmid: Uuid) -> kms_tests::Seen {
     kms_tests::activate_with(node, t, cmid).await

@@ -5,20 +5,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use kms_tests::Node;
+use kms_tests::{now_ms, Node};
 use kms_wire::client::BindOptions;
 use kmsctl::client::{Answer, KmsClient};
 use kmsctl::products::{resolve, RequestTemplate};
 use uuid::Uuid;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 fn template(product: &str, protocol: u16) -> RequestTemplate {
     let mut t = RequestTemplate::new(resolve(product).unwrap());

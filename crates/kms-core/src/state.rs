@@ -236,16 +236,20 @@ impl State {
             Ok(count) => count,
             Err(e) => return refuse(HR_INVALID_DATA, e.to_string()),
         };
-        let activated = count >= n;
         self.registry
-            .record(list.id, request, now, count, activated);
+            .record(list.id, request, now, count, count >= n);
+        self.grant(epid, hwid, count, n)
+    }
+
+    /// The answer to a granted request: `count` clients against the client's N of `n`.
+    fn grant(&self, epid: String, hwid: [u8; 8], count: u32, n: u32) -> ActivationOutcome {
         ActivationOutcome::Granted(Grant {
             epid,
             hwid,
             current_count: count,
             activation_interval: self.policy.activation_interval,
             renewal_interval: self.policy.renewal_interval,
-            activated,
+            activated: count >= n,
         })
     }
 
@@ -285,15 +289,7 @@ impl State {
         newcomers.sort_unstable();
         newcomers.dedup();
         let count = (live.saturating_add(newcomers.len() as u32)).min(capacity);
-        let activated = count >= n;
-        ActivationOutcome::Granted(Grant {
-            epid,
-            hwid,
-            current_count: count,
-            activation_interval: self.policy.activation_interval,
-            renewal_interval: self.policy.renewal_interval,
-            activated,
-        })
+        self.grant(epid, hwid, count, n)
     }
 
     pub fn identity(&self) -> Option<&HostIdentity> {

@@ -178,25 +178,19 @@ impl AdminBackend for NodeBackend {
         if !self.kms_serving.load(Ordering::Acquire) {
             return Err("KMS listeners not open yet".into());
         }
-        if scope == Readiness::Kms {
-            // Without a leader the node still answers from its committed state (and queues
-            // the activations), so only the identity matters here.
-            return match self.engine.state().try_read() {
-                Ok(state) if state.identity().is_none() => {
-                    Err("host identity not initialised".into())
-                }
-                _ => Ok(()),
-            };
-        }
-        if view.leader_id.is_none() {
-            return Err("no known leader".into());
-        }
-        let behind = view.last_log_index.saturating_sub(view.last_applied);
-        if behind > READY_MAX_APPLY_LAG {
-            return Err(format!(
-                "applied index {} is {behind} entries behind the log",
-                view.last_applied
-            ));
+        // Without a leader a node still answers KMS clients from its committed state (and
+        // queues the activations), so `Kms` skips the leader and lag checks.
+        if scope == Readiness::Member {
+            if view.leader_id.is_none() {
+                return Err("no known leader".into());
+            }
+            let behind = view.last_log_index.saturating_sub(view.last_applied);
+            if behind > READY_MAX_APPLY_LAG {
+                return Err(format!(
+                    "applied index {} is {behind} entries behind the log",
+                    view.last_applied
+                ));
+            }
         }
         // The identity is the last thing a fresh cluster commits before serving.
         match self.engine.state().try_read() {
