@@ -79,7 +79,7 @@ measured() {
   CPU="-"
   if [ -n "$group" ]; then
     local ok; ok=$(field "$RESULT" 'd["succeeded"]')
-    [ "$ok" -gt 0 ] && CPU=$(( ($(cpu_us "$group") - before) / ok ))
+    if [ "$ok" -gt 0 ]; then CPU=$(( ($(cpu_us "$group") - before) / ok )); fi
   fi
 }
 
