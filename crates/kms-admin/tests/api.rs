@@ -53,7 +53,8 @@ impl AdminBackend for Fake {
         }
     }
     fn readiness(&self, scope: Readiness) -> Result<(), String> {
-        match (scope, *self.no_leader.lock().unwrap()) {
+        let no_leader = *self.no_leader.lock().unwrap();
+        match (scope, no_leader) {
             (Readiness::Member, true) => Err("no known leader".into()),
             _ => Ok(()),
         }

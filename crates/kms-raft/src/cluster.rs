@@ -392,7 +392,11 @@ impl Cluster {
     pub async fn ensure_identity(&self, timeout: Duration) -> Result<HostIdentity, ClusterError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(id) = self.state().read().await.identity().cloned() {
+            // Bind first: a guard in the `if let` scrutinee would live through the block, and
+            // a second read there deadlocks once `apply` queues a write between the two
+            // (tokio's RwLock is fair).
+            let identity = self.state().read().await.identity().cloned();
+            if let Some(id) = identity {
                 self.refresh_cluster_id().await;
                 return Ok(id);
             }

@@ -219,3 +219,45 @@ async fn a_new_leader_takes_over_and_no_acknowledged_activation_is_lost() {
         n.cluster.shutdown().await;
     }
 }
+
+/// `ensure_identity` must not hold a read guard while it takes another: with a writer
+/// (`apply`) queued in between, tokio's fair RwLock would deadlock it. Seen in CI as a joining
+/// node that never opened its KMS listeners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ensure_identity_does_not_deadlock_against_a_queued_writer() {
+    let node = start(1, true, 0).await;
+    node.cluster
+        .ensure_identity(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let state = node.cluster.state();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut writes = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                let guard = state.write().await;
+                tokio::task::yield_now().await;
+                drop(guard);
+                writes += 1;
+            }
+            writes
+        })
+    };
+    for round in 0..2_000 {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            node.cluster.ensure_identity(Duration::from_secs(1)),
+        )
+        .await;
+        assert!(
+            matches!(answer, Ok(Ok(_))),
+            "ensure_identity hung or failed in round {round}: {answer:?}"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(writes > 0, "the writer never got the lock");
+}

@@ -107,7 +107,8 @@ impl Storage for MemoryStorage {
     }
 
     fn read_snapshot(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        match self.lock()?.snapshot.clone() {
+        let snapshot = self.lock()?.snapshot.clone();
+        match snapshot {
             Some(bytes) => crate::unframe_snapshot(bytes).map(Some),
             None => Ok(None),
         }
