@@ -390,7 +390,18 @@ impl Cluster {
 
     /// Creates the host identity once the cluster has a leader and no identity exists.
     pub async fn ensure_identity(&self, timeout: Duration) -> Result<HostIdentity, ClusterError> {
-        let deadline = Instant::now() + timeout;
+        // The whole wait is bounded, not only between polls: a proposal or a lock wait that
+        // never ends must become an error the operator sees, not a node that stays unready.
+        tokio::time::timeout(timeout, self.wait_for_identity())
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClusterError::Unavailable(format!(
+                    "no host identity after {timeout:?}"
+                )))
+            })
+    }
+
+    async fn wait_for_identity(&self) -> Result<HostIdentity, ClusterError> {
         loop {
             // Bind first: a guard in the `if let` scrutinee would live through the block, and
             // a second read there deadlocks once `apply` queues a write between the two
@@ -399,9 +410,6 @@ impl Cluster {
             if let Some(id) = identity {
                 self.refresh_cluster_id().await;
                 return Ok(id);
-            }
-            if Instant::now() >= deadline {
-                return Err(ClusterError::Unavailable("no host identity yet".into()));
             }
             let leader = self.inner.raft.metrics().borrow().current_leader;
             if leader == Some(self.inner.node_id) {

@@ -261,3 +261,16 @@ async fn ensure_identity_does_not_deadlock_against_a_queued_writer() {
     let writes = writer.await.unwrap();
     assert!(writes > 0, "the writer never got the lock");
 }
+
+/// A node that never gets a leader gives up with an error when its time is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_identity_without_a_leader_ends_in_an_error() {
+    let node = start(1, false, 0).await;
+    let started = Instant::now();
+    let answer = node
+        .cluster
+        .ensure_identity(Duration::from_millis(300))
+        .await;
+    assert!(answer.is_err(), "identity without any leader: {answer:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

@@ -158,7 +158,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let identity = engine
         .ensure_identity(Duration::from_secs(120))
         .await
-        .context("no host identity: the cluster has no leader")?;
+        .context(
+            "no host identity: no leader was elected, or the identity did not replicate here",
+        )?;
     tracing::info!(
         cluster_id = %identity.cluster_id,
         hwid = %identity.hwid_hex(),
