@@ -2,6 +2,7 @@
 //! leader loss, snapshot catch-up, removal.
 
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -231,13 +232,13 @@ async fn ensure_identity_does_not_deadlock_against_a_queued_writer() {
         .await
         .unwrap();
     let state = node.cluster.state();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let stop = stop.clone();
         tokio::spawn(async move {
             let mut writes = 0u64;
             let deadline = Instant::now() + Duration::from_secs(20);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 let guard = state.write().await;
                 tokio::task::yield_now().await;
                 drop(guard);
@@ -257,7 +258,7 @@ async fn ensure_identity_does_not_deadlock_against_a_queued_writer() {
             "ensure_identity hung or failed in round {round}: {answer:?}"
         );
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     let writes = writer.await.unwrap();
     assert!(writes > 0, "the writer never got the lock");
 }

@@ -869,12 +869,7 @@ impl Storage for FileStorage {
     }
 
     fn bounds(&self) -> Result<Option<(u64, u64)>> {
-        let inner = self.lock()?;
-        Ok(inner
-            .entries
-            .first_key_value()
-            .zip(inner.entries.last_key_value())
-            .map(|((a, _), (b, _))| (*a, *b)))
+        Ok(crate::index_bounds(&self.lock()?.entries))
     }
 
     fn truncate_from(&self, from: u64) -> Result<()> {

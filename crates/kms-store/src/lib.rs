@@ -130,6 +130,13 @@ fn scan_prefix(
         .collect()
 }
 
+/// [`Storage::bounds`] over an in-memory index of the log (memory and file backends).
+fn index_bounds<V>(log: &BTreeMap<u64, V>) -> Option<(u64, u64)> {
+    log.first_key_value()
+        .zip(log.last_key_value())
+        .map(|((first, _), (last, _))| (*first, *last))
+}
+
 /// Size of `<dir>/snapshot`, 0 when there is none.
 fn snapshot_file_size(dir: &Path) -> u64 {
     fs::metadata(dir.join(SNAPSHOT_FILE))

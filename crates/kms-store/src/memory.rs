@@ -46,12 +46,7 @@ impl Storage for MemoryStorage {
     }
 
     fn bounds(&self) -> Result<Option<(u64, u64)>> {
-        let inner = self.lock()?;
-        Ok(inner
-            .log
-            .first_key_value()
-            .zip(inner.log.last_key_value())
-            .map(|((a, _), (b, _))| (*a, *b)))
+        Ok(crate::index_bounds(&self.lock()?.log))
     }
 
     fn truncate_from(&self, from: u64) -> Result<()> {
