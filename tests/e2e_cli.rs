@@ -167,6 +167,56 @@ fn kmsd_rejects_bad_configuration_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("policy.renewal_interval"));
 }
 
+/// Every node flag is accepted after a subcommand too (`kmsd check-config --allow-network …`),
+/// and check-config shows what it understood.
+#[test]
+fn node_flags_are_accepted_after_a_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary("kmsd"))
+        .env_remove("KMSD_ADMIN_TOKEN")
+        .arg("check-config")
+        .args(["--data-dir", &dir.path().join("d").display().to_string()])
+        .args(["--kms-listen", "127.0.0.1:11688,[::1]:11688"])
+        .args([
+            "--allow-network",
+            "10.0.0.0/8",
+            "--allow-network",
+            "192.168.1.0/24",
+        ])
+        .args(["--admin-token", "a-long-enough-admin-token-0123"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("127.0.0.1:11688") && text.contains("[::1]:11688"),
+        "{text}"
+    );
+    assert!(
+        text.contains("clients [10.0.0.0/8, 192.168.1.0/24]"),
+        "{text}"
+    );
+    assert!(text.contains("(token set)"), "{text}");
+
+    let out = Command::new(binary("kmsd"))
+        .env_remove("KMSD_ADMIN_TOKEN")
+        .env_remove("KMSD_ALLOW_NETWORKS")
+        .arg("check-config")
+        .args(["--data-dir", &dir.path().join("d").display().to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("clients all") && text.contains("(token none)"),
+        "{text}"
+    );
+}
+
 #[test]
 fn config_file_and_allow_list_are_honoured() {
     let dir = tempfile::tempdir().unwrap();
@@ -188,4 +238,25 @@ fn config_file_and_allow_list_are_honoured() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["renewal_interval"], 1440);
     assert_eq!(v["activation_interval"], 60);
+}
+
+/// The harness itself: when another process holds a port chosen for a node, the node starts
+/// on a new port instead of failing the test (the cause of a spurious CI failure).
+#[test]
+fn harness_moves_a_node_off_a_port_taken_by_another_process() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut node = Node::new(dir.path(), &[]);
+    let taken = node.kms_addr;
+    let squatter = std::net::TcpListener::bind(taken).expect("hold the node's KMS port");
+    node.spawn();
+    assert_ne!(node.kms_addr, taken, "the node kept the taken port");
+    assert!(
+        node.log().contains("Address already in use"),
+        "the first start should have failed on the taken port:\n{}",
+        node.log()
+    );
+    // The node serves on its new port while the old one is still held by the squatter.
+    assert!(std::net::TcpStream::connect(node.kms_addr).is_ok());
+    drop(squatter);
+    assert_eq!(node.terminate(), Some(0));
 }

@@ -2,7 +2,7 @@
 //! stops them by pid (SIGTERM or SIGKILL), and finds the workspace binaries.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,13 +26,12 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A free loopback TCP port (bound and released; the race with other processes is
-/// acceptable for tests).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+pub use kms_testkit::free_port;
+
+/// Why a node did not become ready.
+enum NotReady {
+    Exited(std::process::ExitStatus),
+    Timeout(String),
 }
 
 /// A `kmsd` process under test.
@@ -88,9 +87,56 @@ impl Node {
     }
 
     /// (Re)starts the process on the same ports and data dir and waits until it is ready.
+    ///
+    /// The ports were free when chosen, but something else on the machine may bind one before
+    /// kmsd does. When kmsd exits because one of its own listen addresses is taken, that one
+    /// address gets a new port and the node starts again (at most 3 times); any other early
+    /// exit fails the test.
     pub fn spawn(&mut self) {
-        self.spawn_no_wait();
-        self.wait_ready(Duration::from_secs(60));
+        for attempt in 1..=3 {
+            let log_start = self.log().len();
+            self.spawn_no_wait();
+            match self.wait_until_ready(Duration::from_secs(60)) {
+                Ok(()) => return,
+                Err(NotReady::Exited(status)) => {
+                    let log = self.log();
+                    let this_run = log.get(log_start..).unwrap_or(&log);
+                    self.child = None;
+                    if attempt < 3 && self.repick_taken_port(this_run) {
+                        continue;
+                    }
+                    panic!("kmsd exited early with {status}; log:\n{log}");
+                }
+                Err(NotReady::Timeout(last)) => panic!(
+                    "kmsd not ready after 60s (last: {last}); log:\n{}",
+                    self.log()
+                ),
+            }
+        }
+    }
+
+    /// Gives a new port to the listen address kmsd reported as taken; false when the log does
+    /// not name one of this node's addresses as in use.
+    fn repick_taken_port(&mut self, log: &str) -> bool {
+        let Some(line) = log
+            .lines()
+            .find(|l| l.contains("cannot listen on") && l.contains("Address already in use"))
+        else {
+            return false;
+        };
+        let port = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        for addr in [
+            &mut self.kms_addr,
+            &mut self.admin_addr,
+            &mut self.raft_addr,
+        ] {
+            if line.contains(&format!("{addr}:")) {
+                eprintln!("kmsd: {addr} was taken by another process; retrying on {port}");
+                *addr = port;
+                return true;
+            }
+        }
+        false
     }
 
     /// Starts the process and returns without waiting for readiness.
@@ -146,12 +192,25 @@ impl Node {
 
     /// Waits until `/readyz` answers 200 and the KMS port accepts connections.
     pub fn wait_ready(&mut self, timeout: Duration) {
+        match self.wait_until_ready(timeout) {
+            Ok(()) => {}
+            Err(NotReady::Exited(status)) => {
+                panic!("kmsd exited early with {status}; log:\n{}", self.log())
+            }
+            Err(NotReady::Timeout(last)) => panic!(
+                "kmsd not ready after {timeout:?} (last: {last}); log:\n{}",
+                self.log()
+            ),
+        }
+    }
+
+    fn wait_until_ready(&mut self, timeout: Duration) -> Result<(), NotReady> {
         let deadline = Instant::now() + timeout;
         let mut last = String::from("no answer from /readyz");
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("kmsd exited early with {status}; log:\n{}", self.log());
+                    return Err(NotReady::Exited(status));
                 }
             }
             match http_get(self.admin_addr, "/readyz") {
@@ -159,7 +218,7 @@ impl Node {
                     if TcpStream::connect_timeout(&self.kms_addr, Duration::from_millis(200))
                         .is_ok()
                     {
-                        return;
+                        return Ok(());
                     }
                     last = format!("ready, but KMS port {} refuses", self.kms_addr);
                 }
@@ -168,10 +227,7 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "kmsd not ready after {timeout:?} (last: {last}); log:\n{}",
-            self.log()
-        );
+        Err(NotReady::Timeout(last))
     }
 
     pub fn pid(&self) -> Option<u32> {

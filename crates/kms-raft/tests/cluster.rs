@@ -1,7 +1,6 @@
 //! Three Raft nodes in one process on loopback: formation, one shared count, forwarding,
 //! leader loss, snapshot catch-up, removal.
 
-use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,13 +12,7 @@ use kms_raft::{Cluster, ClusterConfig, KmsNode};
 use kms_store::SledStorage;
 use uuid::Uuid;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use kms_testkit::free_port;
 
 struct TestNode {
     id: u64,

@@ -1,7 +1,6 @@
 //! Transport security: mutual TLS between nodes (a peer whose certificate another CA signed is
 //! refused) and the cluster id check (a peer of another cluster is refused).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,13 +12,7 @@ use kms_raft::{Cluster, ClusterConfig, KmsNode};
 use kms_store::MemoryStorage;
 use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use kms_testkit::free_port;
 
 /// A CA and `nodes` node certificates (SAN "kmsd"), written as PEM files under `dir`.
 fn pki(dir: &Path, name: &str, nodes: usize) -> Vec<TlsFiles> {

@@ -35,6 +35,7 @@ pub struct Cli {
 
     /// KMS listen address, repeatable [kms.listen] (default 0.0.0.0:1688 and [::]:1688).
     #[arg(
+        global = true,
         long = "kms-listen",
         env = "KMSD_KMS_LISTEN",
         value_name = "ADDR",
@@ -79,6 +80,7 @@ pub struct Cli {
 
     /// Bearer token of the admin API; also sent when joining a cluster [admin.token].
     #[arg(
+        global = true,
         long,
         env = "KMSD_ADMIN_TOKEN",
         value_name = "TOKEN",
@@ -169,6 +171,7 @@ pub struct Cli {
 
     /// Client networks allowed to connect, repeatable; empty = all [kms.allow_networks].
     #[arg(
+        global = true,
         long = "allow-network",
         env = "KMSD_ALLOW_NETWORKS",
         value_name = "CIDR",

@@ -25,12 +25,19 @@ fn main() -> ExitCode {
     };
     match command {
         Some(Subcommand::CheckConfig) => {
+            let clients = if config.allow_networks.is_empty() {
+                "all".to_owned()
+            } else {
+                format!("{:?}", config.allow_networks)
+            };
             println!(
-                "configuration ok: node {} data {} kms {:?} admin {} raft {} join {:?} dns targets {}",
+                "configuration ok: node {} data {} kms {:?} clients {} admin {} (token {}) raft {} join {:?} dns targets {}",
                 config.node_id,
                 config.data_dir.display(),
                 config.kms_listen,
+                clients,
                 config.admin_listen,
+                if config.admin_token.is_some() { "set" } else { "none" },
                 config.raft_listen,
                 config.join,
                 config.dns.publish.len()

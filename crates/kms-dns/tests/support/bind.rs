@@ -6,9 +6,11 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+use kms_testkit::free_port;
 
 /// The fixture's scripts, found from this crate or from the workspace `tests` crate.
 pub fn script_dir() -> PathBuf {
@@ -52,20 +54,6 @@ pub fn available(test: &str) -> bool {
         missing.join(", ")
     );
     false
-}
-
-/// A port free for both UDP and TCP on 127.0.0.1 (released again; start-up retries on a race).
-fn free_port() -> u16 {
-    for _ in 0..50 {
-        let Ok(udp) = UdpSocket::bind("127.0.0.1:0") else {
-            continue;
-        };
-        let Ok(addr) = udp.local_addr() else { continue };
-        if TcpListener::bind(("127.0.0.1", addr.port())).is_ok() {
-            return addr.port();
-        }
-    }
-    panic!("no free port for the test DNS server");
 }
 
 /// A running named.
