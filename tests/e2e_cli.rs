@@ -121,6 +121,15 @@ fn kmsd_help_documents_every_flag_and_its_environment_variable() {
         ("--admin-listen", "KMSD_ADMIN_LISTEN"),
         ("--raft-listen", "KMSD_RAFT_LISTEN"),
         ("--join", "KMSD_JOIN"),
+        ("--raft-heartbeat-ms", "KMSD_RAFT_HEARTBEAT_MS"),
+        (
+            "--raft-election-timeout-min-ms",
+            "KMSD_RAFT_ELECTION_TIMEOUT_MIN_MS",
+        ),
+        (
+            "--raft-election-timeout-max-ms",
+            "KMSD_RAFT_ELECTION_TIMEOUT_MAX_MS",
+        ),
         ("--max-connections", "KMSD_MAX_CONNECTIONS"),
         ("--idle-timeout-secs", "KMSD_IDLE_TIMEOUT_SECS"),
         ("--max-pdu-size", "KMSD_MAX_PDU_SIZE"),
@@ -184,6 +193,13 @@ fn node_flags_are_accepted_after_a_subcommand() {
             "192.168.1.0/24",
         ])
         .args(["--admin-token", "a-long-enough-admin-token-0123"])
+        .args([
+            "--raft-heartbeat-ms",
+            "250",
+            "--raft-election-timeout-min-ms",
+            "1000",
+        ])
+        .args(["--raft-election-timeout-max-ms", "3000"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -202,6 +218,10 @@ fn node_flags_are_accepted_after_a_subcommand() {
         "{text}"
     );
     assert!(text.contains("(token set)"), "{text}");
+    assert!(
+        text.contains("(heartbeat 250 ms, election timeout 1000-3000 ms)"),
+        "{text}"
+    );
 
     let out = Command::new(binary("kmsd"))
         .env_remove("KMSD_ADMIN_TOKEN")
@@ -213,6 +233,10 @@ fn node_flags_are_accepted_after_a_subcommand() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("clients all") && text.contains("(token none)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("(heartbeat 100 ms, election timeout 400-800 ms)"),
         "{text}"
     );
 }

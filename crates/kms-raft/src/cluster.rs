@@ -222,6 +222,12 @@ impl Cluster {
         }
         .validate()
         .map_err(|e| ClusterError::Invalid(format!("raft config: {e}")))?;
+        tracing::info!(
+            heartbeat_ms = raft_config.heartbeat_interval,
+            election_timeout_min_ms = raft_config.election_timeout_min,
+            election_timeout_max_ms = raft_config.election_timeout_max,
+            "raft timing"
+        );
         let tls = match &config.tls {
             Some(files) => Some(Tls::load(files).map_err(ClusterError::Invalid)?),
             None => None,

@@ -125,6 +125,30 @@ pub struct Cli {
     )]
     pub answer_deadline_ms: Option<u64>,
 
+    /// Milliseconds between the leader's heartbeats [raft.heartbeat_ms] (default 100).
+    #[arg(global = true, long, env = "KMSD_RAFT_HEARTBEAT_MS", value_name = "MS")]
+    pub raft_heartbeat_ms: Option<u64>,
+
+    /// Shortest wait without a heartbeat before a follower calls an election; at least 3
+    /// heartbeats [raft.election_timeout_min_ms] (default 400). Failover takes about
+    /// max + a random value in min..max: raise both for nodes in different sites.
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_RAFT_ELECTION_TIMEOUT_MIN_MS",
+        value_name = "MS"
+    )]
+    pub raft_election_timeout_min_ms: Option<u64>,
+
+    /// Longest such wait, above the minimum [raft.election_timeout_max_ms] (default 800).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_RAFT_ELECTION_TIMEOUT_MAX_MS",
+        value_name = "MS"
+    )]
+    pub raft_election_timeout_max_ms: Option<u64>,
+
     /// Host name clients use for this node; the SRV target published in DNS [node.advertise_host].
     #[arg(global = true, long, env = "KMSD_ADVERTISE_HOST", value_name = "HOST")]
     pub advertise_host: Option<String>,
@@ -382,6 +406,9 @@ pub struct RaftSection {
     pub advertise: Option<String>,
     pub join: Option<Vec<String>>,
     pub answer_deadline_ms: Option<u64>,
+    pub heartbeat_ms: Option<u64>,
+    pub election_timeout_min_ms: Option<u64>,
+    pub election_timeout_max_ms: Option<u64>,
     pub tls: Option<TlsSection>,
 }
 
@@ -442,6 +469,10 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub raft_tls: Option<kms_raft::network::TlsFiles>,
     pub answer_deadline: std::time::Duration,
+    /// Leader heartbeat interval, in milliseconds.
+    pub raft_heartbeat_ms: u64,
+    /// Election timeout range (min, max), in milliseconds.
+    pub raft_election_timeout_ms: (u64, u64),
     pub join: Vec<String>,
     /// SRV target of this node (with `[[dns.publish]]`).
     pub advertise: Option<kms_dns::Advertise>,
@@ -564,6 +595,40 @@ impl Config {
             return Err(invalid(
                 "raft.answer_deadline_ms",
                 format!("{answer_ms} is outside 100..=20000 (clients give up after 10 to 30 s)"),
+            ));
+        }
+        let heartbeat_ms = cli
+            .raft_heartbeat_ms
+            .or(file.raft.heartbeat_ms)
+            .unwrap_or(100);
+        if !(10..=10_000).contains(&heartbeat_ms) {
+            return Err(invalid(
+                "raft.heartbeat_ms",
+                format!("{heartbeat_ms} is outside 10..=10000"),
+            ));
+        }
+        let election_min = cli
+            .raft_election_timeout_min_ms
+            .or(file.raft.election_timeout_min_ms)
+            .unwrap_or(400);
+        let election_max = cli
+            .raft_election_timeout_max_ms
+            .or(file.raft.election_timeout_max_ms)
+            .unwrap_or(800);
+        // Fewer than 3 heartbeats per timeout calls elections on a merely slow leader.
+        if election_min < heartbeat_ms.saturating_mul(3) {
+            return Err(invalid(
+                "raft.election_timeout_min_ms",
+                format!(
+                    "{election_min} is below 3 heartbeats ({} ms with raft.heartbeat_ms {heartbeat_ms})",
+                    heartbeat_ms.saturating_mul(3)
+                ),
+            ));
+        }
+        if election_max <= election_min || election_max > 60_000 {
+            return Err(invalid(
+                "raft.election_timeout_max_ms",
+                format!("{election_max} must be above raft.election_timeout_min_ms ({election_min}) and at most 60000"),
             ));
         }
         let first_kms_port = cli
@@ -693,6 +758,8 @@ impl Config {
             metrics_listen,
             raft_tls,
             answer_deadline: std::time::Duration::from_millis(answer_ms),
+            raft_heartbeat_ms: heartbeat_ms,
+            raft_election_timeout_ms: (election_min, election_max),
             advertise,
             dns: file.dns,
             join: if cli.join.is_empty() {
@@ -970,5 +1037,50 @@ mod tests {
                 .metrics_listen,
             None
         );
+    }
+
+    #[test]
+    fn raft_timing_from_file_and_flags_with_bounds() {
+        let cfg = Config::merge(parse(&[]), FileConfig::default()).unwrap();
+        assert_eq!(cfg.raft_heartbeat_ms, 100);
+        assert_eq!(cfg.raft_election_timeout_ms, (400, 800));
+
+        // A multi-site cluster: slower heartbeats and elections from the file.
+        let file: FileConfig = toml::from_str(
+            "[raft]\nheartbeat_ms = 500\nelection_timeout_min_ms = 2000\nelection_timeout_max_ms = 4000\n",
+        )
+        .unwrap();
+        let cfg = Config::merge(parse(&["--raft-election-timeout-max-ms", "5000"]), file).unwrap();
+        assert_eq!(cfg.raft_heartbeat_ms, 500);
+        assert_eq!(cfg.raft_election_timeout_ms, (2000, 5000));
+
+        for (args, key) in [
+            (&["--raft-heartbeat-ms", "5"][..], "raft.heartbeat_ms"),
+            (
+                &[
+                    "--raft-heartbeat-ms",
+                    "200",
+                    "--raft-election-timeout-min-ms",
+                    "500",
+                ][..],
+                "raft.election_timeout_min_ms",
+            ),
+            (
+                &[
+                    "--raft-election-timeout-min-ms",
+                    "600",
+                    "--raft-election-timeout-max-ms",
+                    "600",
+                ][..],
+                "raft.election_timeout_max_ms",
+            ),
+            (
+                &["--raft-election-timeout-max-ms", "90000"][..],
+                "raft.election_timeout_max_ms",
+            ),
+        ] {
+            let err = Config::merge(parse(args), FileConfig::default()).unwrap_err();
+            assert!(err.to_string().contains(key), "{args:?}: {err}");
+        }
     }
 }

@@ -31,7 +31,7 @@ fn main() -> ExitCode {
                 format!("{:?}", config.allow_networks)
             };
             println!(
-                "configuration ok: node {} data {} kms {:?} clients {} admin {} (token {}) raft {} join {:?} dns targets {}",
+                "configuration ok: node {} data {} kms {:?} clients {} admin {} (token {}) raft {} (heartbeat {} ms, election timeout {}-{} ms) join {:?} dns targets {}",
                 config.node_id,
                 config.data_dir.display(),
                 config.kms_listen,
@@ -39,6 +39,9 @@ fn main() -> ExitCode {
                 config.admin_listen,
                 if config.admin_token.is_some() { "set" } else { "none" },
                 config.raft_listen,
+                config.raft_heartbeat_ms,
+                config.raft_election_timeout_ms.0,
+                config.raft_election_timeout_ms.1,
                 config.join,
                 config.dns.publish.len()
             );

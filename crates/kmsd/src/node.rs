@@ -89,6 +89,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     cluster_config.keep_logs_after_snapshot = config.snapshot_keep_logs;
     cluster_config.batch_max = config.group_commit_max;
     cluster_config.answer_deadline = config.answer_deadline;
+    cluster_config.heartbeat_ms = config.raft_heartbeat_ms;
+    cluster_config.election_timeout_ms = config.raft_election_timeout_ms;
     cluster_config.tls = config.raft_tls.clone();
     let engine = Engine::start(cluster_config, storage)
         .await
