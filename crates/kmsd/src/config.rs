@@ -131,7 +131,8 @@ pub struct Cli {
 
     /// Shortest wait without a heartbeat before a follower calls an election; at least 3
     /// heartbeats [raft.election_timeout_min_ms] (default 400). Failover takes about
-    /// max + a random value in min..max: raise both for nodes in different sites.
+    /// max + a random value in min..max; for nodes in different sites raise it, the maximum
+    /// and the heartbeat together.
     #[arg(
         global = true,
         long,
