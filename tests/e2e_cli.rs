@@ -181,64 +181,58 @@ fn kmsd_rejects_bad_configuration_naming_the_key() {
 #[test]
 fn node_flags_are_accepted_after_a_subcommand() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(binary("kmsd"))
-        .env_remove("KMSD_ADMIN_TOKEN")
-        .arg("check-config")
-        .args(["--data-dir", &dir.path().join("d").display().to_string()])
-        .args(["--kms-listen", "127.0.0.1:11688,[::1]:11688"])
-        .args([
-            "--allow-network",
-            "10.0.0.0/8",
-            "--allow-network",
-            "192.168.1.0/24",
-        ])
-        .args(["--admin-token", "a-long-enough-admin-token-0123"])
-        .args([
-            "--raft-heartbeat-ms",
-            "250",
-            "--raft-election-timeout-min-ms",
-            "1000",
-        ])
-        .args(["--raft-election-timeout-max-ms", "3000"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("127.0.0.1:11688") && text.contains("[::1]:11688"),
-        "{text}"
-    );
-    assert!(
-        text.contains("clients [10.0.0.0/8, 192.168.1.0/24]"),
-        "{text}"
-    );
-    assert!(text.contains("(token set)"), "{text}");
-    assert!(
-        text.contains("(heartbeat 250 ms, election timeout 1000-3000 ms)"),
-        "{text}"
-    );
+    let data = dir.path().join("d").display().to_string();
+    // `kmsd check-config ARGS` with no KMSD_* environment; returns stdout, exit code 0 required.
+    let check_config = |args: &[&str]| -> String {
+        let mut cmd = Command::new(binary("kmsd"));
+        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("KMSD_")) {
+            cmd.env_remove(key);
+        }
+        let out = cmd
+            .arg("check-config")
+            .args(["--data-dir", &data])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {text}{err}");
+        text
+    };
 
-    let out = Command::new(binary("kmsd"))
-        .env_remove("KMSD_ADMIN_TOKEN")
-        .env_remove("KMSD_ALLOW_NETWORKS")
-        .arg("check-config")
-        .args(["--data-dir", &dir.path().join("d").display().to_string()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("clients all") && text.contains("(token none)"),
-        "{text}"
-    );
-    assert!(
-        text.contains("(heartbeat 100 ms, election timeout 400-800 ms)"),
-        "{text}"
-    );
+    let text = check_config(&[
+        "--kms-listen",
+        "127.0.0.1:11688,[::1]:11688",
+        "--allow-network",
+        "10.0.0.0/8",
+        "--allow-network",
+        "192.168.1.0/24",
+        "--admin-token",
+        "a-long-enough-admin-token-0123",
+        "--raft-heartbeat-ms",
+        "250",
+        "--raft-election-timeout-min-ms",
+        "1000",
+        "--raft-election-timeout-max-ms",
+        "3000",
+    ]);
+    for expected in [
+        "kms [127.0.0.1:11688, [::1]:11688]",
+        "clients [10.0.0.0/8, 192.168.1.0/24]",
+        "(token set)",
+        "(heartbeat 250 ms, election timeout 1000-3000 ms)",
+    ] {
+        assert!(text.contains(expected), "lacks {expected:?}: {text}");
+    }
+
+    let text = check_config(&[]);
+    for expected in [
+        "clients all",
+        "(token none)",
+        "(heartbeat 100 ms, election timeout 400-800 ms)",
+    ] {
+        assert!(text.contains(expected), "lacks {expected:?}: {text}");
+    }
 }
 
 #[test]
