@@ -263,9 +263,15 @@ fn config_file_and_allow_list_are_honoured() {
 #[test]
 fn harness_moves_a_node_off_a_port_taken_by_another_process() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut node = Node::new(dir.path(), &[]);
+    // Occupy the KMS port chosen for a node (another node config if that port cannot be held).
+    let (mut node, squatter) = (0..5)
+        .find_map(|_| {
+            let node = Node::new(dir.path(), &[]);
+            let squatter = std::net::TcpListener::bind(node.kms_addr).ok()?;
+            Some((node, squatter))
+        })
+        .expect("a port to squat on");
     let taken = node.kms_addr;
-    let squatter = std::net::TcpListener::bind(taken).expect("hold the node's KMS port");
     node.spawn();
     assert_ne!(node.kms_addr, taken, "the node kept the taken port");
     assert!(

@@ -13,7 +13,9 @@
 # kmsd, e.g. KMSD_ARGS="--raft-heartbeat-ms 50 --raft-election-timeout-min-ms 250
 # --raft-election-timeout-max-ms 500" PHASES=failover to measure other election timings.
 # REJOIN_WAIT_SECS (default 1) is the pause after the killed node rejoins, before the next
-# trial; 0 kills the next leader as soon as the rejoined node is ready.
+# trial; 0 kills the next leader as soon as the rejoined node is ready. FAILOVER_SIGNAL=TERM
+# stops the leader gracefully instead of kill -9 (it hands leadership over first, as in a
+# rolling update).
 #
 # NODE_CPUS=0.5 gives every kmsd process (the single node and each cluster node) its own CPU
 # budget of that many cores through a cgroup (root, cgroup v1 or v2), which emulates one
@@ -25,6 +27,7 @@ TRIALS="${1:-20}"
 PHASES=" ${PHASES:-throughput failover catchup} "
 read -r -a EXTRA <<<"${KMSD_ARGS:-}"
 REJOIN_WAIT_SECS="${REJOIN_WAIT_SECS:-1}"
+FAILOVER_SIGNAL="${FAILOVER_SIGNAL:-KILL}"
 CLIENTS="${2:-100000}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kms-cluster-target}"
 cargo build --release --locked -p kmsd -p kmsctl >/dev/null 2>&1
@@ -106,13 +109,14 @@ fi
 
 if [[ "$PHASES" == *" failover "* ]]; then
 echo
-echo "## 2. Failover: leader kill -9 -> first committed activation through a survivor ($TRIALS trials)"
+echo "## 2. Failover: leader SIG$FAILOVER_SIGNAL -> first committed activation through a survivor ($TRIALS trials)"
 : > "$WORK/failover.txt"
 for _ in $(seq 1 "$TRIALS"); do
   L=$(leader_of 1 2>/dev/null || leader_of 2)
   S=$(( L == 1 ? 2 : 1 ))
   t0=$(date +%s%N)
-  kill -9 "${PID[$L]}"; unset "PID[$L]"
+  victim=${PID[$L]}
+  kill -s "$FAILOVER_SIGNAL" "$victim"; unset "PID[$L]"
   # The first activation answered through the survivor after a new leader is known there:
   while true; do
     nl=$(curl -s --max-time 1 "http://$(admin "$S")/api/v1/cluster" | json 'd["leader_id"]' 2>/dev/null || echo None)
@@ -123,6 +127,8 @@ for _ in $(seq 1 "$TRIALS"); do
   done
   t1=$(date +%s%N)
   echo $(( (t1 - t0) / 1000000 )) >> "$WORK/failover.txt"
+  # A gracefully stopping node still holds its ports until it exits.
+  for _ in $(seq 1 750); do kill -0 "$victim" 2>/dev/null || break; sleep 0.02; done
   start "$L"                 # rejoins from its data dir
   sleep "$REJOIN_WAIT_SECS"
 done

@@ -170,6 +170,41 @@ const LEARNER_CATCH_UP: Duration = Duration::from_secs(120);
 /// Batches committed concurrently by one node (pipelining).
 const IN_FLIGHT_BATCHES: usize = 1;
 
+/// How long a stopping leader waits for a voter to hold the whole log before it hands over
+/// to the best one anyway.
+const HANDOVER_CATCH_UP: Duration = Duration::from_secs(1);
+/// Added to the leader lease before the handover candidate stands, so that every follower's
+/// lease has surely expired (each follower measures it on its own clock from its last heartbeat).
+const HANDOVER_MARGIN: Duration = Duration::from_millis(100);
+/// Longest lease a stopping leader waits out; well inside the deployments' stop timeouts (30 s
+/// and more).
+const HANDOVER_MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// Voters other than `me` that could take over, most replicated first (then by id), with the
+/// log index each one is known to hold.
+fn handover_order(
+    metrics: &openraft::RaftMetrics<NodeId, KmsNode>,
+    me: NodeId,
+) -> Vec<(NodeId, KmsNode, u64)> {
+    let membership = metrics.membership_config.membership();
+    let mut candidates: Vec<(NodeId, KmsNode, u64)> = membership
+        .voter_ids()
+        .filter(|id| *id != me)
+        .filter_map(|id| {
+            let node = membership.get_node(&id)?.clone();
+            let matched = metrics
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&id).copied().flatten())
+                .map(|log_id| log_id.index)
+                .unwrap_or(0);
+            Some((id, node, matched))
+        })
+        .collect();
+    candidates.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+    candidates
+}
+
 /// Shared by the handle, the batcher, the gRPC service and background tasks.
 pub struct ClusterInner {
     node_id: NodeId,
@@ -444,27 +479,47 @@ impl Cluster {
             .await
     }
 
-    /// If this node leads, asks another voter to start an election so leadership moves
-    /// before this node stops (graceful shutdown).
+    /// If this node leads, hands leadership to another voter before this node stops
+    /// (graceful shutdown), so a rolling restart costs the shortest leaderless gap.
+    ///
+    /// openraft 0.9 has no leadership transfer, and followers refuse every vote until the
+    /// leader lease (the maximum election timeout) has passed since their last heartbeat. So
+    /// this node picks the voter holding most of the log (only one holding all of it can
+    /// win), stops its own Raft (no more heartbeats), waits out the lease, and asks that voter
+    /// to stand at once, before any follower's own timer (lease plus its election timeout)
+    /// fires. The node keeps answering clients from its committed state meanwhile.
     pub async fn step_down(&self) {
-        let metrics = self.inner.raft.metrics().borrow().clone();
-        if metrics.current_leader != Some(self.inner.node_id) {
+        let me = self.inner.node_id;
+        if self.inner.raft.metrics().borrow().current_leader != Some(me) {
             return;
         }
-        let others: Vec<KmsNode> = metrics
-            .membership_config
-            .membership()
-            .voter_ids()
-            .filter(|id| *id != self.inner.node_id)
-            .filter_map(|id| {
-                metrics
-                    .membership_config
-                    .membership()
-                    .get_node(&id)
-                    .cloned()
-            })
-            .collect();
-        for node in others {
+        let catch_up_until = tokio::time::Instant::now() + HANDOVER_CATCH_UP;
+        let candidates = loop {
+            let metrics = self.inner.raft.metrics().borrow().clone();
+            let candidates = handover_order(&metrics, me);
+            let Some((_, _, best)) = candidates.first() else {
+                return; // the only voter: nobody to hand over to
+            };
+            // Let replication deliver the tail first: a shorter log loses the vote.
+            if *best >= metrics.last_log_index.unwrap_or(0)
+                || tokio::time::Instant::now() >= catch_up_until
+            {
+                break candidates;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let lease = Duration::from_millis(self.inner.config.election_timeout_ms.1);
+        if lease + HANDOVER_MARGIN > HANDOVER_MAX_WAIT {
+            // Stop timeouts (systemd, Kubernetes) would kill the node first; the followers
+            // elect on their own timers instead.
+            tracing::info!(?lease, "leader lease too long to wait out: no handover");
+            return;
+        }
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown before the handover");
+        }
+        tokio::time::sleep(lease + HANDOVER_MARGIN).await;
+        for (id, node, matched) in candidates {
             match self
                 .inner
                 .transport
@@ -472,14 +527,19 @@ impl Cluster {
                 .await
             {
                 Ok(ForwardReply::Done) => {
-                    tracing::info!(to = %node.raft_addr, "leadership handed over");
+                    tracing::info!(
+                        to = id,
+                        matched,
+                        "leadership handed over: the node stands for election now"
+                    );
                     return;
                 }
-                other => {
-                    tracing::debug!(to = %node.raft_addr, ?other, "step-down request not accepted")
-                }
+                other => tracing::debug!(to = id, ?other, "step-down request not accepted"),
             }
         }
+        tracing::warn!(
+            "leadership not handed over; the other members elect a leader after their election timeout"
+        );
     }
 
     /// Stops the Raft node and its transport.

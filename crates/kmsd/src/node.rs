@@ -306,17 +306,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     tracing::info!(node_id = config.node_id, data_dir = %config.data_dir.display(), "kmsd ready");
     wait_for_signal().await;
-    tracing::info!("shutting down: handing over leadership, closing listeners");
-    engine.cluster().step_down().await;
+    tracing::info!(
+        "shutting down: withdrawing DNS records, closing listeners, handing over leadership"
+    );
     if dns_shared.is_some() {
         // Withdraw this node's SRV record before it stops answering.
         crate::dns::withdraw_self(&config, &dns_sink).await;
     }
+    // Stop taking clients first (they move on to the next SRV record at once), so none waits
+    // through the handover; activations already in the batcher still commit.
     let _ = shutdown_tx.send(true);
     for task in tasks {
         let _ = task.await;
     }
     let _ = expire_task.await;
+    engine.cluster().step_down().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
     if let Some(task) = metrics_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
