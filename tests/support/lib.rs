@@ -43,6 +43,8 @@ pub struct Node {
     extra_args: Vec<String>,
     child: Option<Child>,
     log_path: PathBuf,
+    /// Became ready once: its addresses are known to its peers and must not change.
+    started: bool,
 }
 
 impl Node {
@@ -63,6 +65,7 @@ impl Node {
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             child: None,
             log_path: dir.join("kmsd.log"),
+            started: false,
         }
     }
 
@@ -89,20 +92,24 @@ impl Node {
     /// (Re)starts the process on the same ports and data dir and waits until it is ready.
     ///
     /// The ports were free when chosen, but something else on the machine may bind one before
-    /// kmsd does. When kmsd exits because one of its own listen addresses is taken, that one
-    /// address gets a new port and the node starts again (at most 3 times); any other early
-    /// exit fails the test.
+    /// kmsd does. When kmsd exits at its first start because one of its own listen addresses
+    /// is taken, that one address gets a new port and the node starts again (at most 3 times);
+    /// any other early exit fails the test, and so does a taken port on a restart (the peers
+    /// know the old addresses).
     pub fn spawn(&mut self) {
         for attempt in 1..=3 {
             let log_start = self.log().len();
             self.spawn_no_wait();
             match self.wait_until_ready(Duration::from_secs(60)) {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.started = true;
+                    return;
+                }
                 Err(NotReady::Exited(status)) => {
                     let log = self.log();
                     let this_run = log.get(log_start..).unwrap_or(&log);
                     self.child = None;
-                    if attempt < 3 && self.repick_taken_port(this_run) {
+                    if attempt < 3 && !self.started && self.repick_taken_port(this_run) {
                         continue;
                     }
                     panic!("kmsd exited early with {status}; log:\n{log}");
@@ -193,7 +200,7 @@ impl Node {
     /// Waits until `/readyz` answers 200 and the KMS port accepts connections.
     pub fn wait_ready(&mut self, timeout: Duration) {
         match self.wait_until_ready(timeout) {
-            Ok(()) => {}
+            Ok(()) => self.started = true,
             Err(NotReady::Exited(status)) => {
                 panic!("kmsd exited early with {status}; log:\n{}", self.log())
             }

@@ -487,7 +487,8 @@ impl Cluster {
     /// this node picks the voter holding most of the log (only one holding all of it can
     /// win), stops its own Raft (no more heartbeats), waits out the lease, and asks that voter
     /// to stand at once, before any follower's own timer (lease plus its election timeout)
-    /// fires. The node keeps answering clients from its committed state meanwhile.
+    /// fires. This node has no Raft from then on, so callers stop taking clients first
+    /// (kmsd closes its listeners before it steps down).
     pub async fn step_down(&self) {
         let me = self.inner.node_id;
         if self.inner.raft.metrics().borrow().current_leader != Some(me) {
