@@ -55,6 +55,24 @@ async fn start_with(
     }
 }
 
+/// Node 1 bootstraps and creates the identity; nodes 2 and 3 are added through it.
+async fn three_nodes(tweak: impl Fn(&mut ClusterConfig)) -> [TestNode; 3] {
+    let n1 = start_with(1, true, 1000, &tweak).await;
+    n1.cluster
+        .ensure_identity(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let n2 = start_with(2, false, 1000, &tweak).await;
+    let n3 = start_with(3, false, 1000, &tweak).await;
+    for n in [&n2, &n3] {
+        n1.cluster
+            .add_member(n.id, n.cluster.advertised().clone())
+            .await
+            .unwrap();
+    }
+    [n1, n2, n3]
+}
+
 fn request(cmid: Uuid) -> ActivationRequest {
     ActivationRequest {
         application_id: kms_catalog::well_known::WINDOWS,
@@ -158,21 +176,7 @@ async fn three_nodes_count_as_one_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_leader_takes_over_and_no_acknowledged_activation_is_lost() {
-    let n1 = start(1, true, 1000).await;
-    n1.cluster
-        .ensure_identity(Duration::from_secs(10))
-        .await
-        .unwrap();
-    let n2 = start(2, false, 1000).await;
-    let n3 = start(3, false, 1000).await;
-    n1.cluster
-        .add_member(2, n2.cluster.advertised().clone())
-        .await
-        .unwrap();
-    n1.cluster
-        .add_member(3, n3.cluster.advertised().clone())
-        .await
-        .unwrap();
+    let [n1, n2, n3] = three_nodes(|_| {}).await;
     let mut acked = Vec::new();
     for i in 0..30u128 {
         let cmid = Uuid::from_u128(i + 1);
@@ -234,19 +238,7 @@ async fn a_stopping_leader_hands_over_before_the_followers_could_elect() {
         c.heartbeat_ms = 100;
         c.election_timeout_ms = (3_000, 4_000);
     };
-    let n1 = start_with(1, true, 1000, slow_elections).await;
-    n1.cluster
-        .ensure_identity(Duration::from_secs(10))
-        .await
-        .unwrap();
-    let n2 = start_with(2, false, 1000, slow_elections).await;
-    let n3 = start_with(3, false, 1000, slow_elections).await;
-    for n in [&n2, &n3] {
-        n1.cluster
-            .add_member(n.id, n.cluster.advertised().clone())
-            .await
-            .unwrap();
-    }
+    let [n1, n2, n3] = three_nodes(slow_elections).await;
     wait_for("3 voters", Duration::from_secs(10), || {
         n1.cluster.members().iter().filter(|m| m.voter).count() == 3
     })
