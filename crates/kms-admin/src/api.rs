@@ -33,6 +33,18 @@ pub struct AppState {
 pub struct AdminOptions {
     /// Bearer token every `/api/v1` call must carry; `None` = open (loopback only).
     pub token: Option<String>,
+    /// The admin API is served over TLS (redirects to the leader use `https`).
+    pub tls: bool,
+}
+
+impl AdminOptions {
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
 }
 
 struct BearerAuth;
@@ -74,6 +86,11 @@ fn api_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(get_cluster))
         .routes(routes!(join_cluster))
         .routes(routes!(remove_member))
+        .routes(routes!(
+            crate::tokens::create_token,
+            crate::tokens::list_tokens
+        ))
+        .routes(routes!(crate::tokens::revoke_token))
         .routes(routes!(get_clients))
         .routes(routes!(get_events))
         .routes(routes!(get_config, put_config))
@@ -98,6 +115,10 @@ pub fn router(backend: Arc<dyn AdminBackend>, options: &AdminOptions) -> Router 
     };
     let api = api
         .route_layer(middleware::from_fn_with_state(token, require_token))
+        .layer(middleware::from_fn_with_state(
+            options.scheme(),
+            crate::error::redirect_to_leader,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
     Router::new()
         .merge(api)

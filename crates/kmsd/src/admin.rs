@@ -12,7 +12,13 @@ pub use crate::admin_backend::{Addresses, DnsHandle, NodeBackend};
 /// Everything served on `--admin-listen`: `/api/v1/*` (token-protected when a token is
 /// set), `/healthz`, `/readyz`, `/metrics` and the dashboard at `/`.
 pub fn router(backend: Arc<NodeBackend>, token: Option<String>) -> Router {
-    kms_admin::router(backend, &AdminOptions { token })
+    kms_admin::router(
+        backend,
+        &AdminOptions {
+            token,
+            ..Default::default()
+        },
+    )
 }
 
 /// Only `/healthz`, `/readyz` and `/metrics`, for `--metrics-listen`.

@@ -9,4 +9,5 @@ pub mod engine;
 pub mod join;
 pub mod kms_server;
 pub mod node;
+pub mod pki;
 pub mod telemetry;
