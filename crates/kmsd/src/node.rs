@@ -116,6 +116,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     cluster_config.heartbeat_ms = config.raft_heartbeat_ms;
     cluster_config.election_timeout_ms = config.raft_election_timeout_ms;
     cluster_config.max_snapshot_bytes = config.raft_max_snapshot_bytes;
+    cluster_config.deploy_secret_sha256 = config
+        .cluster_secret
+        .as_ref()
+        .map(|s| kms_raft::pki::fingerprint(s.as_bytes()));
     tracing::info!(mode = config.raft_security.describe(), "raft transport");
     let (security, bootstrap_ca) = crate::pki::prepare(&config).await?;
     cluster_config.security = security;
