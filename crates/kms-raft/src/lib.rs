@@ -11,6 +11,7 @@
 // openraft's trait signatures fix the (large) error types.
 #![allow(clippy::result_large_err)]
 
+pub mod clock;
 pub mod cluster;
 pub mod forward;
 pub mod grpc;
