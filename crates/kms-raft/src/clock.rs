@@ -23,7 +23,9 @@
 //! * the *replicated anchor* is the last replicated time seen ahead of its own projection:
 //!   the cluster's time, carried forward by real elapsed time. A process that starts with a
 //!   wall clock far ahead of it (a bad NTP source at boot, a restored VM) cannot stamp more
-//!   than `max_offset` beyond it.
+//!   than `max_offset` beyond it. Its own stamps held back by that bound do not move the
+//!   anchor when they come back through the log (else the bound would creep up by
+//!   `max_offset` per round trip).
 //!
 //! [`ClusterClock::reading`] gives the offset: the wall clock minus the cluster time (the
 //! replicated anchor's projection, or the stamp when nothing was replicated yet). A node whose
@@ -177,6 +179,10 @@ struct Inner {
     replicated: Option<UnixMillis>,
     /// Largest time this clock stamped.
     last_stamp: Option<UnixMillis>,
+    /// Largest stamp held back by the replicated anchor's bound: when it comes back through
+    /// the log it must not move that anchor (the bound would creep up by `max_offset` on
+    /// every round trip).
+    last_capped: Option<UnixMillis>,
 }
 
 /// What [`ClusterClock::reading`] found (for logs, metrics and `/readyz`).
@@ -239,7 +245,8 @@ impl<S: TimeSource> ClusterClock<S> {
         let mono = self.source.mono();
         let mut inner = self.lock();
         inner.replicated = Some(inner.replicated.map_or(time, |r| r.max(time)));
-        if inner.rep_anchor.is_none_or(|a| time > a.project(mono)) {
+        let own_capped = inner.last_capped.is_some_and(|c| time <= c);
+        if !own_capped && inner.rep_anchor.is_none_or(|a| time > a.project(mono)) {
             inner.rep_anchor = Some(Anchor { at: time, mono });
         }
     }
@@ -253,8 +260,9 @@ impl<S: TimeSource> ClusterClock<S> {
         inner.rep_anchor = Some(Anchor { at: wall, mono });
     }
 
-    /// The cluster time now; moves the wall anchor if the wall clock agrees with it.
-    fn compute(&self, inner: &mut Inner) -> ClockReading {
+    /// The cluster time now (and whether the replicated anchor's bound held it back); moves
+    /// the wall anchor if the wall clock agrees with it.
+    fn compute(&self, inner: &mut Inner) -> (ClockReading, bool) {
         let (wall, mono) = (self.source.wall_ms(), self.source.mono());
         let allowance = millis(self.config.allowance);
         let max_offset = millis(self.config.max_offset);
@@ -285,20 +293,22 @@ impl<S: TimeSource> ClusterClock<S> {
             }
         };
         inner.wall_anchor = Some(wall_anchor);
-        let mut ceiling = wall_anchor.project(mono).saturating_add(allowance);
-        if let Some(rep) = inner.rep_anchor {
-            ceiling = ceiling.min(rep.project(mono).saturating_add(max_offset));
-        }
+        let wall_ceiling = wall_anchor.project(mono).saturating_add(allowance);
+        let rep_ceiling = inner
+            .rep_anchor
+            .map_or(u64::MAX, |rep| rep.project(mono).saturating_add(max_offset));
         let floor = inner.replicated.max(inner.last_stamp).unwrap_or(0);
-        let cluster = wall.min(ceiling).max(floor);
+        let cluster = wall.min(wall_ceiling).min(rep_ceiling).max(floor);
+        let rep_capped = rep_ceiling < wall.min(wall_ceiling) && cluster == rep_ceiling;
         let reference = inner.rep_anchor.map_or(cluster, |rep| rep.project(mono));
         let offset_ms = i64::try_from(i128::from(wall) - i128::from(reference)).unwrap_or(i64::MAX);
-        ClockReading {
+        let reading = ClockReading {
             wall,
             cluster,
             offset_ms,
             fit_to_lead: offset_ms.unsigned_abs() <= max_offset,
-        }
+        };
+        (reading, rep_capped)
     }
 
     /// The time to stamp into a command proposed now. Never less than an earlier stamp or
@@ -306,15 +316,18 @@ impl<S: TimeSource> ClusterClock<S> {
     /// the allowance.
     pub fn stamp(&self) -> UnixMillis {
         let mut inner = self.lock();
-        let reading = self.compute(&mut inner);
+        let (reading, rep_capped) = self.compute(&mut inner);
         inner.last_stamp = Some(reading.cluster);
+        if rep_capped {
+            inner.last_capped = Some(reading.cluster);
+        }
         reading.cluster
     }
 
     /// Wall clock, cluster time and their offset now, without stamping.
     pub fn reading(&self) -> ClockReading {
         let mut inner = self.lock();
-        self.compute(&mut inner)
+        self.compute(&mut inner).0
     }
 
     /// `wall - cluster time` now, in seconds (the `kms_clock_offset_seconds` gauge).
@@ -372,11 +385,13 @@ mod tests {
         assert_eq!(before, T0);
         time.jump_wall(40 * DAY_MS);
         let mut last = before;
-        // Ten real seconds of stamping, a thousand stamps per second: no creep.
+        // Ten real seconds of stamping, a thousand stamps per second, each coming back
+        // through the log (this node leads): no creep.
         for _ in 0..10_000 {
             time.advance(Duration::from_millis(1));
             let s = clock.stamp();
             assert!(s >= last, "stamps never go back");
+            clock.observe_replicated(s);
             last = s;
         }
         let allowance = millis(ClockConfig::default().allowance);
@@ -457,6 +472,23 @@ mod tests {
         time.advance(Duration::from_secs(2));
         assert_eq!(clock.stamp(), T0 + 12_000);
         assert_eq!(clock.config(), config);
+        // As leader, its own stamps come back through the log: they must not lift the bound.
+        let mut last = 0;
+        for _ in 0..10_000 {
+            time.advance(Duration::from_millis(1));
+            last = clock.stamp();
+            clock.observe_replicated(last);
+        }
+        assert!(
+            last <= T0 + 10_000 + 12_000,
+            "the bound crept {} ms ahead in 10 s",
+            last - T0
+        );
+        assert!(!clock.fit_to_lead());
+        // Another leader's later time is still followed.
+        clock.observe_replicated(T0 + 3_600_000);
+        let s = clock.stamp();
+        assert!((T0 + 3_600_000..=T0 + 3_610_000).contains(&s), "{s}");
     }
 
     #[test]
