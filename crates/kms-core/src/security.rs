@@ -387,7 +387,7 @@ mod tests {
         ] {
             assert!(s.apply(&SecurityCommand::CreateToken(bad)).is_err());
         }
-        assert_eq!(s.tokens().count(), 0);
+        assert_eq!(s.tokens().count(), 1, "only the deployment token");
     }
 
     #[test]

@@ -250,7 +250,7 @@ pub struct Cli {
     #[arg(global = true, long, env = "KMSD_BTFN", value_name = "BOOL")]
     pub btfn: Option<bool>,
 
-    /// Storage engine of the Raft log: file (a plain write-ahead log) or sled [storage.engine] (default file).
+    /// Storage engine of the Raft log: file (a plain write-ahead log) or sled (deprecated) [storage.engine] (default file).
     #[arg(
         global = true,
         long,
@@ -372,7 +372,8 @@ pub enum StorageEngine {
     /// smaller than sled: docs/benchmarks.md).
     #[default]
     File,
-    /// The sled embedded database.
+    /// The sled embedded database. Deprecated (a warning at every start): its flush does not
+    /// reach the disk's write cache (docs/storage.md).
     Sled,
 }
 
