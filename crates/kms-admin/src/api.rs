@@ -436,6 +436,7 @@ async fn get_config(State(s): State<AppState>) -> Json<ConfigView> {
         (status = 200, description = "Configuration after the change", body = ConfigView),
         (status = 400, description = "Invalid JSON, unknown field or out-of-range value; `field` names it", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 409, description = "`expected_version` is not the current configuration version (another change was applied first), or the identity is not initialised; nothing was changed", body = ErrorBody),
         (status = 503, description = "Not the leader / no quorum", body = ErrorBody)
     )
 )]

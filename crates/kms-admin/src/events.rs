@@ -23,6 +23,8 @@ pub mod ids {
     pub const CONFIG: u32 = 1002;
     /// Quorum lost or regained.
     pub const QUORUM: u32 = 1003;
+    /// This node's wall clock is too far from the cluster time (or agrees again).
+    pub const CLOCK: u32 = 1004;
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

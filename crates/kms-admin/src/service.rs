@@ -3,7 +3,7 @@
 use kms_catalog::catalog;
 use kms_core::policy::ProductPolicy;
 use kms_core::registry::{ClientRecord, ClientRef};
-use kms_core::{Command, CommandResult, HostIdentity, Policy, State};
+use kms_core::{Command, CommandResult, ConfigError, HostIdentity, Policy, State};
 use uuid::Uuid;
 
 use crate::backend::AdminBackend;
@@ -279,6 +279,7 @@ pub fn policy_view(p: &Policy) -> PolicyView {
 
 pub fn config_view(state: &State) -> ConfigView {
     ConfigView {
+        version: state.config_version(),
         policy: policy_view(state.policy()),
         identity: state.identity().map(|i| IdentityView {
             cluster_id: i.cluster_id,
@@ -343,19 +344,21 @@ pub fn patched_identity(
     Ok(identity)
 }
 
-/// `PUT /api/v1/config`: validates everything first, then proposes the changes (policy,
-/// then identity). Nothing is proposed when any part is invalid.
+/// `PUT /api/v1/config`: validates everything first (against this node's state, for clear
+/// field errors), then proposes the patch as ONE command applied in the state machine on the
+/// expected configuration version (compare-and-set): a stale version is 409 Conflict and
+/// nothing of the change is applied.
 pub async fn update_config(
     backend: &dyn AdminBackend,
     update: &ConfigUpdate,
 ) -> Result<ConfigView, ApiError> {
-    let (new_policy, new_identity) = {
+    let change = {
         let state_lock = backend.state();
         let state = state_lock.read().await;
         let policy = match &update.policy {
             Some(patch) => {
-                let p = patched_policy(state.policy(), patch)?;
-                (p != *state.policy()).then_some(p)
+                patched_policy(state.policy(), patch)?;
+                Some(core_policy_patch(patch))
             }
             None => None,
         };
@@ -364,43 +367,63 @@ pub async fn update_config(
                 let current = state.identity().ok_or_else(|| {
                     ApiError::Conflict("the host identity is not initialised yet".into())
                 })?;
-                let i = patched_identity(current, patch)?;
-                (i != *current).then_some(i)
+                let patched = patched_identity(current, patch)?;
+                Some(kms_core::IdentityPatch {
+                    hwid: patch.hwid.is_some().then_some(patched.hwid),
+                    epids: patch.epids.clone().unwrap_or_default(),
+                })
             }
             None => None,
         };
-        (policy, identity)
-    };
-    let mut changed = Vec::new();
-    if let Some(policy) = new_policy {
-        match backend.propose(Command::SetPolicy(policy)).await? {
-            CommandResult::Policy(Ok(())) => changed.push("policy"),
-            CommandResult::Policy(Err(message)) => {
-                return Err(ApiError::invalid("policy", message))
-            }
-            other => {
-                return Err(ApiError::Internal(format!(
-                    "unexpected result of a policy change: {other:?}"
-                )))
-            }
+        kms_core::ConfigChange {
+            expected_version: update.expected_version,
+            policy,
+            identity,
         }
-    }
-    if let Some(identity) = new_identity {
-        backend.propose(Command::ReplaceIdentity(identity)).await?;
-        changed.push("identity");
-    }
-    if !changed.is_empty() {
+    };
+    let applied = match backend.propose(Command::ChangeConfig(change)).await? {
+        CommandResult::Config(Ok(applied)) => applied,
+        CommandResult::Config(Err(ConfigError::Invalid { field, message })) => {
+            return Err(ApiError::invalid(field, message))
+        }
+        CommandResult::Config(Err(e)) => return Err(ApiError::Conflict(e.to_string())),
+        other => {
+            return Err(ApiError::Internal(format!(
+                "unexpected result of a configuration change: {other:?}"
+            )))
+        }
+    };
+    if !applied.changed.is_empty() {
         backend.events().push(
             backend.now_ms(),
             ids::CONFIG,
             "info",
-            format!("replicated configuration changed: {}", changed.join(", ")),
-            serde_json::json!({ "changed": changed }),
+            format!(
+                "replicated configuration changed (version {}): {}",
+                applied.version,
+                applied.changed.join(", ")
+            ),
+            serde_json::json!({ "changed": applied.changed, "version": applied.version }),
         );
     }
     let state_lock = backend.state();
     let state = state_lock.read().await;
-    Ok(config_view(&state))
+    let mut view = config_view(&state);
+    // Applied here by now (the leader answers after applying); a later change may be too.
+    view.version = view.version.max(applied.version);
+    Ok(view)
+}
+
+fn core_policy_patch(patch: &PolicyPatch) -> kms_core::PolicyPatch {
+    kms_core::PolicyPatch {
+        activation_interval: patch.activation_interval,
+        renewal_interval: patch.renewal_interval,
+        product_policy: patch.product_policy,
+        licensed_csvlks: patch.licensed_csvlks.clone(),
+        max_clock_skew_minutes: patch.max_clock_skew_minutes,
+        client_networks: patch.client_networks.clone(),
+        registry_retention_days: patch.registry_retention_days,
+    }
 }
 
 /// `GET /api/v1/products`.

@@ -235,6 +235,10 @@ pub struct IdentityView {
 /// `GET /api/v1/config`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ConfigView {
+    /// Configuration version: incremented by every applied change; send it back as
+    /// `expected_version` to change the configuration only if nobody changed it meanwhile.
+    #[serde(default)]
+    pub version: u64,
     pub policy: PolicyView,
     pub identity: Option<IdentityView>,
 }
@@ -243,6 +247,9 @@ pub struct ConfigView {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigUpdate {
+    /// Apply only if the configuration version is still this one (compare-and-set; 409
+    /// Conflict otherwise). Absent: applied on the version current when the change commits.
+    pub expected_version: Option<u64>,
     pub policy: Option<PolicyPatch>,
     pub identity: Option<IdentityPatch>,
 }

@@ -1,5 +1,6 @@
 //! Commands (the replicated log's entries) and their results.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
@@ -52,6 +53,103 @@ pub enum Command {
     Expire { now: UnixMillis },
     /// Changes the cluster's security state (CA, node certificates, join tokens).
     Security(SecurityCommand),
+    /// A configuration patch (policy and identity overrides) applied as one change, on the
+    /// configuration version it expects (compare-and-set). Appended last: the older
+    /// variants keep their encoding.
+    ChangeConfig(ConfigChange),
+}
+
+/// Policy fields to change; absent fields stay as they are.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PolicyPatch {
+    pub activation_interval: Option<u32>,
+    pub renewal_interval: Option<u32>,
+    pub product_policy: Option<crate::policy::ProductPolicy>,
+    pub licensed_csvlks: Option<Vec<Uuid>>,
+    /// `Some(None)` turns the clock-skew check off.
+    pub max_clock_skew_minutes: Option<Option<u32>>,
+    pub client_networks: Option<Vec<ipnet::IpNet>>,
+    pub registry_retention_days: Option<u32>,
+}
+
+impl PolicyPatch {
+    /// `current` with this patch applied (not validated).
+    pub fn patched(&self, current: &Policy) -> Policy {
+        let mut p = current.clone();
+        if let Some(v) = self.activation_interval {
+            p.activation_interval = v;
+        }
+        if let Some(v) = self.renewal_interval {
+            p.renewal_interval = v;
+        }
+        if let Some(v) = self.product_policy {
+            p.product_policy = v;
+        }
+        if let Some(v) = &self.licensed_csvlks {
+            p.licensed_csvlks = v.clone();
+        }
+        if let Some(v) = self.max_clock_skew_minutes {
+            p.max_clock_skew_minutes = v;
+        }
+        if let Some(v) = &self.client_networks {
+            p.client_networks = v.clone();
+        }
+        if let Some(v) = self.registry_retention_days {
+            p.registry_retention_days = v;
+        }
+        p
+    }
+}
+
+/// Identity overrides (validated by the proposer: HWID syntax, ePID syntax, CSVLK ids).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityPatch {
+    pub hwid: Option<[u8; 8]>,
+    /// ePID per CSVLK id; CSVLKs not listed keep theirs.
+    pub epids: BTreeMap<Uuid, String>,
+}
+
+impl IdentityPatch {
+    /// `current` with this patch applied.
+    pub fn patched(&self, current: &HostIdentity) -> HostIdentity {
+        let mut identity = current.clone();
+        if let Some(hwid) = self.hwid {
+            identity.hwid = hwid;
+        }
+        for (csvlk, epid) in &self.epids {
+            identity.epids.insert(*csvlk, epid.clone());
+        }
+        identity
+    }
+}
+
+/// One atomic configuration change ([`Command::ChangeConfig`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConfigChange {
+    /// Apply only if the configuration version is still this one; `None`: on whatever
+    /// version is current when the command is applied.
+    pub expected_version: Option<u64>,
+    pub policy: Option<PolicyPatch>,
+    pub identity: Option<IdentityPatch>,
+}
+
+/// A configuration change applied: the new version and what changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigApplied {
+    pub version: u64,
+    /// `policy`, `identity`: the parts whose value changed.
+    pub changed: Vec<String>,
+}
+
+/// Why a configuration change was not applied (nothing changed then).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration version is {current}, not the expected {expected}: another change was applied first; read the configuration again")]
+    Stale { expected: u64, current: u64 },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("the host identity is not initialised yet")]
+    NoIdentity,
 }
 
 /// A successful answer to one activation request.
@@ -95,4 +193,6 @@ pub enum CommandResult {
     Expired { clients: usize, cmids: usize },
     /// A security command applied, or why it was refused (nothing changed then).
     Security(Result<(), SecurityError>),
+    /// A configuration change applied, or why it was not (nothing changed then).
+    Config(Result<ConfigApplied, ConfigError>),
 }

@@ -14,7 +14,10 @@ pub mod security;
 pub mod state;
 pub mod stats;
 
-pub use command::{ActivationOutcome, ActivationRequest, Command, CommandResult, Grant, Refusal};
+pub use command::{
+    ActivationOutcome, ActivationRequest, Command, CommandResult, ConfigApplied, ConfigChange,
+    ConfigError, Grant, IdentityPatch, PolicyPatch, Refusal,
+};
 pub use identity::HostIdentity;
 pub use policy::{Policy, PolicyError};
 pub use state::State;

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::command::{ActivationOutcome, ActivationRequest, Grant, Refusal};
+use crate::command::{ConfigApplied, ConfigChange, ConfigError};
 use crate::counting::{
     application_list, filetime_to_unix_ms, Counting, ListKey, MAX_REQUIRED_CLIENT_COUNT,
 };
@@ -24,9 +25,10 @@ pub const HR_CLOCK_SKEW: u32 = 0xC004_F06C;
 /// Snapshot header: magic then format version, so a foreign or future file is rejected
 /// with a clear error instead of being misread.
 const SNAPSHOT_MAGIC: &[u8; 4] = b"KMSS";
-/// 3 added the cluster's security state (CA, node certificates, join tokens); 2 added each
-/// client's last request time (to recognise a request applied twice); 1 and 2 are still read.
-const SNAPSHOT_VERSION: u8 = 3;
+/// 4 added the configuration version (compare-and-set of configuration changes); 3 added the
+/// cluster's security state (CA, node certificates, join tokens); 2 added each client's last
+/// request time (to recognise a request applied twice); 1 to 3 are still read.
+const SNAPSHOT_VERSION: u8 = 4;
 
 /// Why a snapshot could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,18 @@ struct StateV2 {
     statistics: Statistics,
 }
 
+/// [`State`] as snapshot format 3 wrote it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct StateV3 {
+    identity: Option<HostIdentity>,
+    policy: Policy,
+    counting: Counting,
+    registry: Registry,
+    statistics: Statistics,
+    security: ClusterSecurity,
+}
+
 /// The latest proposer time carried by an applied command ([`Command::Activate`],
 /// [`Command::Expire`]): a lower bound of the cluster's time, for the clock that stamps the
 /// next commands. Not serialized (the snapshot format is unchanged): [`State::from_snapshot`]
@@ -108,6 +122,8 @@ pub struct State {
     registry: Registry,
     statistics: Statistics,
     security: ClusterSecurity,
+    /// Incremented by every applied configuration change (policy, identity overrides).
+    config_version: u64,
     #[serde(skip)]
     replicated_time: ReplicatedTime,
 }
@@ -132,6 +148,7 @@ impl State {
             }
             Command::ReplaceIdentity(identity) => {
                 self.identity = Some(identity.clone());
+                self.config_version = self.config_version.saturating_add(1);
                 CommandResult::Identity { created: true }
             }
             Command::Activate { now, requests } => {
@@ -143,6 +160,7 @@ impl State {
             Command::SetPolicy(policy) => match policy.validate() {
                 Ok(()) => {
                     self.policy = policy.clone();
+                    self.config_version = self.config_version.saturating_add(1);
                     CommandResult::Policy(Ok(()))
                 }
                 Err(e) => CommandResult::Policy(Err(e.to_string())),
@@ -156,7 +174,57 @@ impl State {
                 CommandResult::Expired { clients, cmids }
             }
             Command::Security(command) => CommandResult::Security(self.security.apply(command)),
+            Command::ChangeConfig(change) => CommandResult::Config(self.change_config(change)),
         }
+    }
+
+    /// Applies a configuration patch as one change, or nothing at all.
+    fn change_config(&mut self, change: &ConfigChange) -> Result<ConfigApplied, ConfigError> {
+        if let Some(expected) = change.expected_version {
+            if expected != self.config_version {
+                return Err(ConfigError::Stale {
+                    expected,
+                    current: self.config_version,
+                });
+            }
+        }
+        let policy = change.policy.as_ref().map(|p| p.patched(&self.policy));
+        if let Some(policy) = &policy {
+            policy.validate().map_err(|e| ConfigError::Invalid {
+                field: format!("policy.{}", e.field),
+                message: e.message,
+            })?;
+        }
+        let identity = match &change.identity {
+            Some(patch) => {
+                Some(patch.patched(self.identity.as_ref().ok_or(ConfigError::NoIdentity)?))
+            }
+            None => None,
+        };
+        let mut changed = Vec::new();
+        if let Some(policy) = policy {
+            if policy != self.policy {
+                self.policy = policy;
+                changed.push("policy".to_owned());
+            }
+        }
+        if let Some(identity) = identity {
+            if self.identity.as_ref() != Some(&identity) {
+                self.identity = Some(identity);
+                changed.push("identity".to_owned());
+            }
+        }
+        self.config_version = self.config_version.saturating_add(1);
+        Ok(ConfigApplied {
+            version: self.config_version,
+            changed,
+        })
+    }
+
+    /// Incremented by every applied configuration change: the version a
+    /// [`ConfigChange::expected_version`] names.
+    pub fn config_version(&self) -> u64 {
+        self.config_version
     }
 
     /// Decides one request and records it in the statistics (and, if granted, in the CMID
@@ -441,6 +509,20 @@ impl State {
         let (&version, body) = body.split_first().ok_or(SnapshotError::BadMagic)?;
         let (state, rest) = match version {
             SNAPSHOT_VERSION => postcard::take_from_bytes::<State>(body)?,
+            3 => {
+                let (v3, rest) = postcard::take_from_bytes::<StateV3>(body)?;
+                let state = State {
+                    identity: v3.identity,
+                    policy: v3.policy,
+                    counting: v3.counting,
+                    registry: v3.registry,
+                    statistics: v3.statistics,
+                    security: v3.security,
+                    config_version: 0,
+                    replicated_time: ReplicatedTime::default(),
+                };
+                (state, rest)
+            }
             2 => {
                 let (v2, rest) = postcard::take_from_bytes::<StateV2>(body)?;
                 let state = State {
@@ -450,6 +532,7 @@ impl State {
                     registry: v2.registry,
                     statistics: v2.statistics,
                     security: ClusterSecurity::default(),
+                    config_version: 0,
                     replicated_time: ReplicatedTime::default(),
                 };
                 (state, rest)
@@ -463,6 +546,7 @@ impl State {
                     registry: Registry::try_from(v1.registry).map_err(SnapshotError::Invalid)?,
                     statistics: v1.statistics,
                     security: ClusterSecurity::default(),
+                    config_version: 0,
                     replicated_time: ReplicatedTime::default(),
                 };
                 (state, rest)
@@ -515,6 +599,86 @@ mod tests {
         for cut in [bytes.len() - 1, 6] {
             assert!(State::from_snapshot(&bytes[..cut]).is_err());
         }
+    }
+
+    #[test]
+    fn format_3_snapshots_are_read_with_config_version_0() {
+        let mut state = State::default();
+        state.apply(&Command::SetPolicy(Policy {
+            activation_interval: 60,
+            ..Policy::default()
+        }));
+        let v3 = StateV3 {
+            identity: None,
+            policy: state.policy.clone(),
+            counting: Counting::default(),
+            registry: Registry::default(),
+            statistics: Statistics::default(),
+            security: ClusterSecurity::default(),
+        };
+        let mut bytes = SNAPSHOT_MAGIC.to_vec();
+        bytes.push(3);
+        bytes.extend(postcard::to_allocvec(&v3).unwrap());
+        let read = State::from_snapshot(&bytes).unwrap();
+        assert_eq!(read.policy().activation_interval, 60);
+        assert_eq!(read.config_version(), 0);
+        let again = State::from_snapshot(&state.to_snapshot()).unwrap();
+        assert_eq!(again.config_version(), 1);
+    }
+
+    #[test]
+    fn config_changes_are_compare_and_set_and_all_or_nothing() {
+        use crate::command::{IdentityPatch, PolicyPatch};
+        let mut state = State::default();
+        state.apply(&Command::InitIdentity(HostIdentity::generate(0, [7; 32])));
+        assert_eq!(state.config_version(), 0);
+        let change = |expected, interval| {
+            Command::ChangeConfig(ConfigChange {
+                expected_version: expected,
+                policy: Some(PolicyPatch {
+                    activation_interval: Some(interval),
+                    ..PolicyPatch::default()
+                }),
+                identity: Some(IdentityPatch {
+                    hwid: Some([interval as u8; 8]),
+                    ..IdentityPatch::default()
+                }),
+            })
+        };
+        let CommandResult::Config(Ok(applied)) = state.apply(&change(Some(0), 60)) else {
+            panic!("first change refused");
+        };
+        assert_eq!(applied.version, 1);
+        assert_eq!(applied.changed, ["policy", "identity"]);
+        // The same expected version a second time: stale, nothing changes.
+        let before = state.clone();
+        assert_eq!(
+            state.apply(&change(Some(0), 90)),
+            CommandResult::Config(Err(ConfigError::Stale {
+                expected: 0,
+                current: 1
+            }))
+        );
+        assert!(state == before && state.config_version() == 1);
+        // An invalid policy leaves the identity part unapplied too.
+        let CommandResult::Config(Err(ConfigError::Invalid { field, .. })) =
+            state.apply(&change(None, 1))
+        else {
+            panic!("invalid policy accepted");
+        };
+        assert_eq!(field, "policy.activation_interval");
+        assert!(state == before);
+        // No expected version: applied on the current one.
+        assert!(matches!(
+            state.apply(&change(None, 120)),
+            CommandResult::Config(Ok(ConfigApplied { version: 2, .. }))
+        ));
+        assert_eq!(state.identity().unwrap().hwid, [120; 8]);
+        // The old commands bump the version too.
+        state.apply(&Command::SetPolicy(Policy::default()));
+        assert_eq!(state.config_version(), 3);
+        let restored = State::from_snapshot(&state.to_snapshot()).unwrap();
+        assert_eq!(restored.config_version(), 3);
     }
 
     #[test]

@@ -170,7 +170,8 @@ impl AdminBackend for NodeBackend {
     }
 
     fn now_ms(&self) -> u64 {
-        wall_clock_ms()
+        // The cluster time: a node whose wall clock jumped shows the counts the cluster has.
+        self.engine.cluster().clock_reading().cluster
     }
 
     fn node(&self) -> NodeStatus {
@@ -211,6 +212,9 @@ impl AdminBackend for NodeBackend {
         if scope == Readiness::Member {
             if view.leader_id.is_none() {
                 return Err("no known leader".into());
+            }
+            if let Some(reason) = self.engine.cluster().clock_unfit() {
+                return Err(format!("clock: {reason}"));
             }
             let behind = view.last_log_index.saturating_sub(view.last_applied);
             if behind > READY_MAX_APPLY_LAG {

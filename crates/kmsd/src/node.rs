@@ -330,6 +330,42 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
+    // The clock's verdict as an event (the cluster logs it and keeps an unfit node from
+    // leading; `/readyz` gives the reason).
+    let clock_engine = engine.clone();
+    let clock_events = events.clone();
+    let mut clock_shutdown = shutdown_rx.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last: Option<String> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = clock_shutdown.changed() => return,
+            }
+            let unfit = clock_engine.cluster().clock_unfit();
+            if unfit == last {
+                continue;
+            }
+            let reading = clock_engine.cluster().clock_reading();
+            let (level, message) = match &unfit {
+                Some(reason) => (
+                    "error",
+                    format!("{reason}: this node does not stand as leader"),
+                ),
+                None => ("info", "wall clock agrees with the cluster time".to_owned()),
+            };
+            clock_events.push(
+                wall_clock_ms(),
+                kms_admin::events::ids::CLOCK,
+                level,
+                message,
+                serde_json::json!({ "offset_seconds": reading.offset_seconds(), "fit_to_lead": unfit.is_none() }),
+            );
+            last = unfit;
+        }
+    });
+
     let expire_engine = engine.clone();
     let mut expire_shutdown = shutdown_rx.clone();
     let expire_task = tokio::spawn(async move {
@@ -343,12 +379,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             if expire_engine.view().role != kms_raft::cluster::NodeRole::Leader {
                 continue;
             }
-            if let Err(e) = expire_engine
-                .propose(Command::Expire {
-                    now: wall_clock_ms(),
-                })
-                .await
-            {
+            // The cluster clock, never the raw wall clock: expiry removes at most what real
+            // elapsed time explains.
+            let now = expire_engine.cluster().stamp().await;
+            if let Err(e) = expire_engine.propose(Command::Expire { now }).await {
                 tracing::warn!(error = %e, "expiry pass failed");
             }
         }

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use crate::error::ClusterError;
 use crate::forward::{ForwardCall, ForwardReply};
 
-use super::{wall_clock_ms, ClusterInner};
+use super::ClusterInner;
 
 /// Batches committed concurrently by one node (pipelining).
 const IN_FLIGHT_BATCHES: usize = 1;
@@ -88,7 +88,8 @@ impl ClusterInner {
             return Err(ClusterError::Unavailable("no quorum".into()));
         }
         let outcomes = if self.is_leader() {
-            let now = wall_clock_ms();
+            self.require_fit_clock()?;
+            let now = self.stamp().await;
             match self
                 .write_local(Command::Activate { now, requests })
                 .await?

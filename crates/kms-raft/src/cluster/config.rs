@@ -36,6 +36,8 @@ pub struct ClusterConfig {
     /// SHA-256 of the deployment's shared join secret: a bootstrapping node registers it as
     /// the `deploy` join token with the cluster CA.
     pub deploy_secret_sha256: Option<kms_core::security::Fingerprint>,
+    /// The cluster clock's allowance and the largest offset a node may lead with.
+    pub clock: crate::clock::ClockConfig,
 }
 
 impl ClusterConfig {
@@ -56,6 +58,7 @@ impl ClusterConfig {
             security: Security::Insecure,
             max_snapshot_bytes: DEFAULT_MAX_SNAPSHOT_BYTES,
             deploy_secret_sha256: None,
+            clock: crate::clock::ClockConfig::default(),
         }
     }
 }

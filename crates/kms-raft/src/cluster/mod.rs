@@ -5,7 +5,11 @@
 //!   when no quorum is reachable; [`membership`]: joins and removals on the leader;
 //!   [`security`]: enrollment with join tokens, token management, certificate rotation, and
 //!   the calls peers may make; [`handover`]: graceful leadership handover.
-//! * The leader stamps each batch with its clock (`now`); `apply` reads no clock.
+//! * The leader stamps each batch with the cluster clock (`now`, see [`crate::clock`]): never
+//!   behind the replicated time, never ahead of it by more than real elapsed time allows;
+//!   `apply` reads no clock. A node whose wall clock is too far from the cluster's time does
+//!   not stand for election, and as leader it stops heartbeats and writes so that another
+//!   voter takes over (openraft 0.9 has no leadership transfer).
 //! * Writes other than activations (identity, policy, expiry, membership, tokens) are made on
 //!   the leader only: elsewhere they fail with [`ClusterError::NotLeader`] naming the leader,
 //!   and the admin API redirects the operator there. Peers never relay them.
@@ -20,7 +24,7 @@ pub mod security;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use kms_core::security::ClusterCa;
 use kms_core::{ActivationOutcome, ActivationRequest, Command, CommandResult, HostIdentity, State};
@@ -34,6 +38,7 @@ use self::batcher::{run_batcher, Pending};
 pub use self::config::ClusterConfig;
 pub use self::security::CreatedToken;
 use crate::auth::{PeerAuth, PeerMode, SharedClusterId};
+use crate::clock::{ClockReading, ClusterClock};
 pub use crate::error::ClusterError;
 use crate::log_store::LogStore;
 use crate::network::{NetworkFactory, Transport};
@@ -93,19 +98,16 @@ pub struct ClusterInner {
     /// The CA this node made when it bootstrapped the cluster, until the state holds it.
     bootstrap_ca: Option<ClusterCa>,
     shutdown: watch::Sender<bool>,
+    /// The time this node stamps into the commands it proposes.
+    clock: ClusterClock,
+    /// Why this node may not lead now (its wall clock is too far from the cluster's time).
+    clock_unfit: Mutex<Option<String>>,
 }
 
 /// The cluster handle (cheap to clone).
 #[derive(Clone)]
 pub struct Cluster {
     inner: Arc<ClusterInner>,
-}
-
-pub(crate) fn wall_clock_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Cluster {
@@ -162,6 +164,11 @@ impl Cluster {
         };
         let sm = StateMachineStore::open(storage.clone(), auth.certs.clone())
             .map_err(ClusterError::Storage)?;
+        let clock = ClusterClock::system(config.clock);
+        let replicated = sm.state().read().await.last_replicated_time();
+        if let Some(time) = replicated {
+            clock.observe_replicated(time);
+        }
         let log = LogStore::new(storage.clone());
         let raft = Raft::new(
             config.node_id,
@@ -200,7 +207,11 @@ impl Cluster {
             membership_lock: tokio::sync::Mutex::new(()),
             bootstrap_ca,
             shutdown: shutdown_tx,
+            clock,
+            clock_unfit: Mutex::new(None),
         });
+        // Fitness is known before the first election timer can fire.
+        inner.check_clock().await;
 
         let mut grpc_shutdown = shutdown_rx.clone();
         let grpc = crate::grpc::serve(
@@ -316,6 +327,7 @@ impl Cluster {
     /// the quorum, and they are never relayed between nodes).
     pub async fn propose(&self, command: Command) -> Result<CommandResult, ClusterError> {
         self.inner.require_leader()?;
+        self.inner.require_fit_clock()?;
         self.inner.write_local(command).await
     }
 
@@ -345,6 +357,7 @@ impl Cluster {
             };
             let leading = self.inner.is_leader();
             if leading && !has_ca {
+                let now = self.inner.stamp().await;
                 if let (Some(ca), Security::Pki(creds)) =
                     (&self.inner.bootstrap_ca, &self.inner.config.security)
                 {
@@ -353,7 +366,7 @@ impl Cluster {
                             kms_core::security::JoinToken {
                                 id: crate::pki::DEPLOY_TOKEN_ID.to_owned(),
                                 secret_sha256,
-                                created_ms: wall_clock_ms(),
+                                created_ms: now,
                                 expires_ms: 0,
                                 uses_left: u32::MAX,
                                 description: "shared deployment secret (--cluster-secret-file)"
@@ -377,7 +390,7 @@ impl Cluster {
             }
             if leading {
                 let seed: [u8; 32] = rand::random();
-                let identity = HostIdentity::generate(wall_clock_ms(), seed);
+                let identity = HostIdentity::generate(self.inner.stamp().await, seed);
                 if let Err(e) = self.propose(Command::InitIdentity(identity)).await {
                     tracing::debug!(error = %e, "identity proposal not committed yet");
                 }
@@ -444,9 +457,113 @@ impl Cluster {
     pub fn cluster_id(&self) -> Option<Uuid> {
         self.inner.cluster_id.read().ok().and_then(|g| *g)
     }
+
+    /// The time to stamp into a command proposed now (see [`crate::clock`]); never the raw
+    /// wall clock.
+    pub async fn stamp(&self) -> u64 {
+        self.inner.stamp().await
+    }
+
+    /// This node's wall clock against the cluster time (without stamping).
+    pub fn clock_reading(&self) -> ClockReading {
+        self.inner.clock.reading()
+    }
+
+    /// Why this node may not lead (its clock), or `None` when it may.
+    pub fn clock_unfit(&self) -> Option<String> {
+        self.inner.clock_unfit()
+    }
 }
 
 impl ClusterInner {
+    /// Observes the applied state's replicated time, then stamps.
+    pub(crate) async fn stamp(&self) -> u64 {
+        let replicated = self.sm.state().read().await.last_replicated_time();
+        if let Some(time) = replicated {
+            self.clock.observe_replicated(time);
+        }
+        self.clock.stamp()
+    }
+
+    fn clock_unfit(&self) -> Option<String> {
+        self.clock_unfit.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Fails while this node's clock forbids it to lead and another voter can take over: a
+    /// write would reach the followers as a heartbeat and keep this node leading.
+    fn require_fit_clock(&self) -> Result<(), ClusterError> {
+        match self.clock_unfit() {
+            Some(reason) if self.voter_count() > 1 => Err(ClusterError::Unavailable(format!(
+                "this node does not lead: {reason}; leadership is being handed over"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn voter_count(&self) -> usize {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .count()
+    }
+
+    /// Reads the clock against the replicated time, publishes `kms_clock_offset_seconds`,
+    /// and keeps a node with a clock too far off from standing as leader: no election timer
+    /// (as follower), no heartbeats and no writes (as leader, so the followers elect another).
+    pub(super) async fn check_clock(&self) {
+        let replicated = self.sm.state().read().await.last_replicated_time();
+        if let Some(time) = replicated {
+            self.clock.observe_replicated(time);
+        }
+        let reading = self.clock.publish();
+        let max = self.config.clock.max_offset;
+        let reason = (!reading.fit_to_lead).then(|| {
+            format!(
+                "wall clock is {:.1} s {} the cluster time (more than {} s): fix the time source (NTP)",
+                reading.offset_seconds().abs(),
+                if reading.offset_ms > 0 { "ahead of" } else { "behind" },
+                max.as_secs()
+            )
+        });
+        let Ok(mut unfit) = self.clock_unfit.lock() else {
+            return;
+        };
+        let changed = unfit.is_some() != reason.is_some();
+        let leading = self.is_leader();
+        let runtime = self.raft.runtime_config();
+        match &reason {
+            Some(reason) => {
+                runtime.elect(false);
+                if leading && self.voter_count() > 1 {
+                    runtime.heartbeat(false);
+                }
+                if changed {
+                    tracing::error!(
+                        offset_seconds = reading.offset_seconds(),
+                        wall_ms = reading.wall,
+                        cluster_ms = reading.cluster,
+                        leading,
+                        "{reason}: this node does not stand as leader"
+                    );
+                }
+            }
+            None => {
+                runtime.elect(true);
+                runtime.heartbeat(true);
+                if changed {
+                    tracing::info!(
+                        offset_seconds = reading.offset_seconds(),
+                        "wall clock agrees with the cluster time again: this node may lead"
+                    );
+                }
+            }
+        }
+        *unfit = reason;
+    }
+
     fn is_leader(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
         m.state == ServerState::Leader && m.current_leader == Some(self.node_id)
@@ -567,6 +684,7 @@ async fn run_housekeeping(
             return;
         };
         cluster.refresh_cluster_id().await;
+        cluster.check_clock().await;
         // Raft gauges are rendered at scrape time by the admin surface from `view()`.
         let view = cluster.view();
         if last_quorum != Some(view.quorum_ok) {

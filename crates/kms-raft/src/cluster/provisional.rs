@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::error::ClusterError;
 
-use super::{wall_clock_ms, ClusterInner};
+use super::ClusterInner;
 
 pub(super) const QUEUE_PREFIX: &str = "queue/";
 
@@ -47,7 +47,7 @@ impl ClusterInner {
         &self,
         request: ActivationRequest,
     ) -> Result<ActivationOutcome, ClusterError> {
-        let now = wall_clock_ms();
+        let now = self.stamp().await;
         let list = application_list(&request.application_id, &request.kms_counted_id);
         let pending: Vec<Uuid> = self
             .queue

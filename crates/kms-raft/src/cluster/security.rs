@@ -13,7 +13,7 @@ use crate::pki::{self, JoinTokenString, NodeCredentials};
 use crate::types::{KmsNode, NodeId};
 
 use super::batcher::Pending;
-use super::{wall_clock_ms, Cluster, ClusterInner};
+use super::{Cluster, ClusterInner};
 
 /// A token as created: the string to hand to the joining node (shown once) and its record.
 #[derive(Debug, Clone)]
@@ -59,7 +59,7 @@ impl ClusterInner {
                 None
             } else {
                 let secret = pki::fingerprint(enrollment.token_secret.as_bytes());
-                let now = wall_clock_ms();
+                let now = self.clock.reading().cluster;
                 Some(
                     match security.tokens().find(|t| t.id == enrollment.token_id) {
                         Some(t) if t.secret_sha256 != secret => Err(SecurityError::UnknownToken),
@@ -109,7 +109,7 @@ impl ClusterInner {
                     secret_sha256,
                     node_id,
                     node_cert: fingerprint,
-                    now: wall_clock_ms(),
+                    now: self.stamp().await,
                 }
             }
         };
@@ -157,6 +157,14 @@ impl PeerHandler for ClusterInner {
                     Err(_) => ForwardReply::Error(ClusterError::Stopped.into()),
                 }
             }
+            ForwardCall::Elect if self.clock_unfit().is_some() => ForwardReply::Error(
+                ClusterError::Refused(format!(
+                    "node {} does not stand for election: {}",
+                    self.node_id,
+                    self.clock_unfit().unwrap_or_default()
+                ))
+                .into(),
+            ),
             ForwardCall::Elect => match self.raft.trigger().elect().await {
                 Ok(()) => ForwardReply::Done,
                 Err(e) => ForwardReply::Error(ClusterError::Internal(e.to_string()).into()),
@@ -226,7 +234,7 @@ impl Cluster {
                 })?
         };
         let token = JoinTokenString::generate(ca_fp);
-        let now = wall_clock_ms();
+        let now = inner.stamp().await;
         let record = JoinToken {
             id: token.id.clone(),
             secret_sha256: token.secret_sha256(),
