@@ -45,6 +45,8 @@ pub struct Node {
     log_path: PathBuf,
     /// Became ready once: its addresses are known to its peers and must not change.
     started: bool,
+    /// Extra environment of the process (e.g. libfaketime's).
+    env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -66,7 +68,14 @@ impl Node {
             child: None,
             log_path: dir.join("kmsd.log"),
             started: false,
+            env: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable of the process from its next (re)start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
     }
 
     /// Starts node `node_id` of a cluster: the first one bootstraps (`join` empty), the
@@ -179,6 +188,7 @@ impl Node {
             .arg(&self.data_dir)
             .args(&self.extra_args)
             .env("KMSD_LOG_LEVEL", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
