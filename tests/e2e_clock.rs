@@ -282,3 +282,42 @@ async fn leader_clock_31_days_back_never_makes_counts_go_backwards() {
     );
     assert!(body.contains("clock"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_down_longer_than_the_max_offset_elects_and_keeps_counts() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = faked_cluster(&dirs);
+    agreed_leader(&nodes);
+    for i in 0..5u32 {
+        assert_eq!(
+            activate(&nodes[i as usize % 3], Uuid::new_v4()).await,
+            i + 1
+        );
+    }
+    for n in nodes.iter_mut() {
+        n.terminate();
+    }
+    // Two hours later (as the nodes see it): every node finds the log's last time two hours
+    // old. None is fit to lead at first; after the leaderless grace one stands, a quorum
+    // elects it and its wall clock becomes the cluster time.
+    for (d, n) in dirs.iter().zip(nodes.iter_mut()) {
+        set_clock(d.path(), "+2h");
+        n.spawn_no_wait();
+    }
+    let started = Instant::now();
+    for n in nodes.iter_mut() {
+        n.wait_ready(Duration::from_secs(90));
+    }
+    eprintln!("ready after {:?}", started.elapsed());
+    let leader = agreed_leader(&nodes);
+    for (i, n) in nodes.iter().enumerate() {
+        assert_eq!(status_count(n), 5, "count on node {}", i + 1);
+        assert_eq!(readyz(n).0, 200, "node {} ready", i + 1);
+    }
+    assert!(nodes[(leader - 1) as usize]
+        .log()
+        .contains("its wall clock becomes the cluster time"));
+    for (i, n) in nodes.iter().enumerate() {
+        assert_eq!(activate(n, Uuid::new_v4()).await, 6 + i as u32);
+    }
+}

@@ -668,14 +668,16 @@ async fn config_put_changes_policy_and_identity_and_rejects_bad_input_without_ch
         [1, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF]
     );
     drop(state);
-    assert_eq!(backend.proposals.lock().unwrap().len(), 2);
+    // One command for policy and identity together (all or nothing, in `apply`).
+    assert_eq!(backend.proposals.lock().unwrap().len(), 1);
+    assert_eq!(after["version"], 1);
     let config_events = backend.events.query(&EventQuery {
         event_id: Some(1002),
         ..Default::default()
     });
     assert_eq!(config_events.len(), 1);
 
-    // null turns the clock-skew check off; an identical PUT proposes nothing.
+    // null turns the clock-skew check off; an identical PUT changes nothing (same version).
     let (status, text) = call(
         &app,
         Method::PUT,
@@ -689,7 +691,7 @@ async fn config_put_changes_policy_and_identity_and_rejects_bad_input_without_ch
         backend.state.read().await.policy().max_clock_skew_minutes,
         None
     );
-    let n = backend.proposals.lock().unwrap().len();
+    let version = backend.state.read().await.config_version();
     let (status, _) = call(
         &app,
         Method::PUT,
@@ -699,7 +701,19 @@ async fn config_put_changes_policy_and_identity_and_rejects_bad_input_without_ch
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(backend.proposals.lock().unwrap().len(), n);
+    assert_eq!(backend.state.read().await.config_version(), version);
+    // A stale expected version: 409, nothing changed.
+    let (status, text) = call(
+        &app,
+        Method::PUT,
+        "/api/v1/config",
+        Some(TOKEN),
+        Some(r#"{"expected_version": 1, "policy": {"activation_interval": 90}}"#),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{text}");
+    assert!(text.contains("expected 1"), "{text}");
+    assert_eq!(backend.state.read().await.policy().activation_interval, 60);
 }
 
 #[tokio::test]

@@ -122,7 +122,8 @@ pub struct State {
     registry: Registry,
     statistics: Statistics,
     security: ClusterSecurity,
-    /// Incremented by every applied configuration change (policy, identity overrides).
+    /// Incremented by every applied configuration change that changed something (policy,
+    /// identity overrides).
     config_version: u64,
     #[serde(skip)]
     replicated_time: ReplicatedTime,
@@ -147,8 +148,10 @@ impl State {
                 CommandResult::Identity { created }
             }
             Command::ReplaceIdentity(identity) => {
-                self.identity = Some(identity.clone());
-                self.config_version = self.config_version.saturating_add(1);
+                if self.identity.as_ref() != Some(identity) {
+                    self.identity = Some(identity.clone());
+                    self.config_version = self.config_version.saturating_add(1);
+                }
                 CommandResult::Identity { created: true }
             }
             Command::Activate { now, requests } => {
@@ -159,8 +162,10 @@ impl State {
             }
             Command::SetPolicy(policy) => match policy.validate() {
                 Ok(()) => {
-                    self.policy = policy.clone();
-                    self.config_version = self.config_version.saturating_add(1);
+                    if self.policy != *policy {
+                        self.policy = policy.clone();
+                        self.config_version = self.config_version.saturating_add(1);
+                    }
                     CommandResult::Policy(Ok(()))
                 }
                 Err(e) => CommandResult::Policy(Err(e.to_string())),
@@ -214,7 +219,10 @@ impl State {
                 changed.push("identity".to_owned());
             }
         }
-        self.config_version = self.config_version.saturating_add(1);
+        // A change that changes nothing keeps the version (a retried request stays valid).
+        if !changed.is_empty() {
+            self.config_version = self.config_version.saturating_add(1);
+        }
         Ok(ConfigApplied {
             version: self.config_version,
             changed,
@@ -674,8 +682,16 @@ mod tests {
             CommandResult::Config(Ok(ConfigApplied { version: 2, .. }))
         ));
         assert_eq!(state.identity().unwrap().hwid, [120; 8]);
+        // The same change again changes nothing: same version.
+        assert!(matches!(
+            state.apply(&change(Some(2), 120)),
+            CommandResult::Config(Ok(ConfigApplied { version: 2, ref changed })) if changed.is_empty()
+        ));
         // The old commands bump the version too.
-        state.apply(&Command::SetPolicy(Policy::default()));
+        state.apply(&Command::SetPolicy(Policy {
+            activation_interval: 240,
+            ..Policy::default()
+        }));
         assert_eq!(state.config_version(), 3);
         let restored = State::from_snapshot(&state.to_snapshot()).unwrap();
         assert_eq!(restored.config_version(), 3);

@@ -46,6 +46,10 @@ use crate::state_machine::StateMachineStore;
 use crate::tls::{Security, Tls};
 use crate::types::{ApplyResult, KmsNode, NodeId, Raft};
 
+/// Election timeouts without any leader after which a node whose clock is off stands anyway
+/// (see [`ClusterInner::check_clock`]).
+const LEADERLESS_GRACE: u64 = 10;
+
 /// Role as operators see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeRole {
@@ -102,6 +106,13 @@ pub struct ClusterInner {
     clock: ClusterClock,
     /// Why this node may not lead now (its wall clock is too far from the cluster's time).
     clock_unfit: Mutex<Option<String>>,
+    /// Since when no leader is known, and whether this unfit node stands anyway (see
+    /// [`ClusterInner::check_clock`]).
+    leaderless: Mutex<(Option<std::time::Instant>, bool)>,
+    /// 0: the clock was not checked yet; 1: unfit since this process started (a restart after
+    /// a long downtime looks like that); 2: otherwise (a jump while running never makes this
+    /// node accept its wall clock).
+    clock_start: std::sync::atomic::AtomicU8,
 }
 
 /// The cluster handle (cheap to clone).
@@ -209,6 +220,8 @@ impl Cluster {
             shutdown: shutdown_tx,
             clock,
             clock_unfit: Mutex::new(None),
+            leaderless: Mutex::new((None, false)),
+            clock_start: std::sync::atomic::AtomicU8::new(0),
         });
         // Fitness is known before the first election timer can fire.
         inner.check_clock().await;
@@ -513,13 +526,64 @@ impl ClusterInner {
     /// Reads the clock against the replicated time, publishes `kms_clock_offset_seconds`,
     /// and keeps a node with a clock too far off from standing as leader: no election timer
     /// (as follower), no heartbeats and no writes (as leader, so the followers elect another).
+    ///
+    /// Liveness: a lone voter always leads (its stamps are bounded anyway). When no leader has
+    /// been known for [`LEADERLESS_GRACE`] election timeouts, every fit voter had its chance,
+    /// so the voters left are unfit too (typically: the whole cluster was down for longer than
+    /// the max offset, and every node sees the log's last time as old): this node stands, and
+    /// if a quorum elects it, its wall clock becomes the cluster time.
     pub(super) async fn check_clock(&self) {
         let replicated = self.sm.state().read().await.last_replicated_time();
         if let Some(time) = replicated {
             self.clock.observe_replicated(time);
         }
-        let reading = self.clock.publish();
+        let mut reading = self.clock.publish();
         let max = self.config.clock.max_offset;
+        let metrics = self.raft.metrics().borrow().clone();
+        let voters = metrics.membership_config.membership().voter_ids().count();
+        let leading = metrics.state == ServerState::Leader;
+        let grace = Duration::from_millis(
+            self.config
+                .election_timeout_ms
+                .1
+                .saturating_mul(LEADERLESS_GRACE),
+        );
+        let (leaderless_for, stood) = match self.leaderless.lock() {
+            Ok(mut l) => {
+                if metrics.current_leader.is_some() && !leading {
+                    *l = (None, false);
+                } else if metrics.current_leader.is_none() && l.0.is_none() {
+                    l.0 = Some(std::time::Instant::now());
+                }
+                (l.0.map(|t| t.elapsed()).unwrap_or_default(), l.1)
+            }
+            Err(_) => (Duration::ZERO, false),
+        };
+        use std::sync::atomic::Ordering::Relaxed;
+        let unfit_since_start = match self.clock_start.load(Relaxed) {
+            0 if metrics.current_leader.is_none() && !reading.fit_to_lead => {
+                self.clock_start.store(1, Relaxed);
+                true
+            }
+            1 if !reading.fit_to_lead => true,
+            _ => {
+                self.clock_start.store(2, Relaxed);
+                false
+            }
+        };
+        // A lone voter that starts unfit was down for longer than the max offset: nobody else
+        // can tell it the time.
+        let lone_restart = voters <= 1 && unfit_since_start;
+        if !reading.fit_to_lead && leading && (stood || lone_restart) {
+            self.clock.accept_wall_clock();
+            tracing::warn!(
+                offset_seconds = reading.offset_seconds(),
+                leaderless_seconds = leaderless_for.as_secs(),
+                "no node with a fitting clock stood for election: a quorum elected this node, \
+                 and its wall clock becomes the cluster time"
+            );
+            reading = self.clock.publish();
+        }
         let reason = (!reading.fit_to_lead).then(|| {
             format!(
                 "wall clock is {:.1} s {} the cluster time (more than {} s): fix the time source (NTP)",
@@ -532,14 +596,13 @@ impl ClusterInner {
             return;
         };
         let changed = unfit.is_some() != reason.is_some();
-        let leading = self.is_leader();
         let runtime = self.raft.runtime_config();
         match &reason {
             Some(reason) => {
-                runtime.elect(false);
-                if leading && self.voter_count() > 1 {
-                    runtime.heartbeat(false);
-                }
+                let stand =
+                    voters <= 1 || (!leading && unfit_since_start && leaderless_for >= grace);
+                runtime.elect(stand);
+                runtime.heartbeat(!(leading && voters > 1));
                 if changed {
                     tracing::error!(
                         offset_seconds = reading.offset_seconds(),
@@ -548,6 +611,15 @@ impl ClusterInner {
                         leading,
                         "{reason}: this node does not stand as leader"
                     );
+                }
+                if stand && voters > 1 && !stood {
+                    tracing::warn!(
+                        leaderless_seconds = leaderless_for.as_secs(),
+                        "no leader for a while: this node stands for election despite its clock"
+                    );
+                    if let Ok(mut l) = self.leaderless.lock() {
+                        l.1 = true;
+                    }
                 }
             }
             None => {
@@ -562,6 +634,30 @@ impl ClusterInner {
             }
         }
         *unfit = reason;
+    }
+
+    /// On a fit leader, an empty activation batch when the log's newest time is older than a
+    /// third of the max offset: the followers (and a node restarted in a quiet cluster) learn
+    /// the cluster time from the log. Older nodes read this entry too (no new format).
+    pub(super) async fn stamp_idle_log(&self) {
+        if !self.is_leader() || self.clock_unfit().is_some() || !self.view().quorum_ok {
+            return;
+        }
+        let idle = self.config.clock.max_offset / 3;
+        let newest = self.sm.state().read().await.last_replicated_time();
+        let now = self.clock.reading().cluster;
+        if newest.is_some_and(|t| now.saturating_sub(t) < idle.as_millis() as u64) {
+            return;
+        }
+        let command = Command::Activate {
+            now: self.stamp().await,
+            requests: Vec::new(),
+        };
+        match tokio::time::timeout(Duration::from_secs(2), self.write_local(command)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "cluster time not stamped into the log"),
+            Err(_) => tracing::debug!("cluster time entry not committed within 2 s"),
+        }
     }
 
     fn is_leader(&self) -> bool {
@@ -685,6 +781,7 @@ async fn run_housekeeping(
         };
         cluster.refresh_cluster_id().await;
         cluster.check_clock().await;
+        cluster.stamp_idle_log().await;
         // Raft gauges are rendered at scrape time by the admin surface from `view()`.
         let view = cluster.view();
         if last_quorum != Some(view.quorum_ok) {
