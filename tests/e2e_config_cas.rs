@@ -142,4 +142,56 @@ fn concurrent_config_changes_one_wins_the_other_gets_409() {
     );
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["version"].as_u64(), Some(version + 4));
+
+    // kmsctl: `config get` shows the version, `config set --expected-version` is checked.
+    let kmsctl = |args: &[&str]| {
+        let out = std::process::Command::new(kms_tests::binary("kmsctl"))
+            .args(args)
+            .env(
+                "KMSCTL_ADMIN_URL",
+                format!("http://{}", nodes[2].admin_addr),
+            )
+            .env_remove("KMSCTL_TOKEN")
+            .output()
+            .expect("run kmsctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let current = version + 4;
+    let (code, out, err) = kmsctl(&["config", "get"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("configuration version {current}")),
+        "{out}"
+    );
+    let stale = (current - 1).to_string();
+    let (code, _, err) = kmsctl(&[
+        "config",
+        "set",
+        "--expected-version",
+        &stale,
+        "activation_interval=200",
+    ]);
+    assert_ne!(code, 0, "a stale version is refused");
+    assert!(err.contains("version"), "{err}");
+    let fresh = current.to_string();
+    let (code, out, err) = kmsctl(&[
+        "config",
+        "set",
+        "--expected-version",
+        &fresh,
+        "activation_interval=200",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("activation_interval      = 200"), "{out}");
+    for n in &nodes {
+        wait_until(
+            "the kmsctl change everywhere",
+            Duration::from_secs(10),
+            || shown(n).0 == current + 1 && shown(n).1 == 200,
+        );
+    }
 }

@@ -205,6 +205,10 @@ pub enum ConfigCmd {
         /// KEY=VALUE pairs.
         #[arg(required = true, value_name = "KEY=VALUE")]
         settings: Vec<String>,
+        /// Apply only if the configuration version (`kmsctl config get`) is still this one;
+        /// else the node answers 409 Conflict and nothing changes.
+        #[arg(long, value_name = "VERSION")]
+        expected_version: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -723,6 +727,7 @@ pub async fn events(args: EventsArgs) -> u8 {
 
 fn print_config(c: &ConfigView) {
     let p = &c.policy;
+    outln!("# configuration version {}", c.version);
     let list = |v: Vec<String>, empty: &str| {
         if v.is_empty() {
             empty.to_owned()
@@ -847,10 +852,16 @@ pub async fn config(cmd: ConfigCmd) -> u8 {
         ConfigCmd::Set {
             admin,
             settings,
+            expected_version,
             json,
         } => {
             let update = match config_update(&settings) {
-                Ok(u) => u,
+                Ok(mut u) => {
+                    if let (Some(v), Some(body)) = (expected_version, u.as_object_mut()) {
+                        body.insert("expected_version".into(), Value::from(v));
+                    }
+                    u
+                }
                 Err(e) => {
                     eprintln!("kmsctl: {e}");
                     return exit::USAGE;
