@@ -321,7 +321,11 @@ def check_behaviour(name: str, objs: list[dict[str, Any]], v: dict[str, Any]) ->
         if i == 0 and v["cluster"]["bootstrap"]:
             check(join is None, f"{key}: no join list (pod 0 bootstraps)")
         else:
-            want = [f"http://{fqdn(j)}:8688" for j in range(n) if j != i]
+            if v["raftTls"]["enabled"]:
+                want = [f"http://{fqdn(j)}:8688" for j in range(n) if j != i]
+            else:
+                # Built-in cluster PKI: the members' Raft ports, with the shared secret.
+                want = [f"{fqdn(j)}:7688" for j in range(n) if j != i]
             check(join == want, f"{key}: joins through the other {n - 1} pod(s)")
         check(("metrics_listen" in cfg["admin"]) == bool(v["metrics"]["separateListener"]), f"{key}: metrics listener as configured")
         check(("tls" in cfg["raft"]) == bool(v["raftTls"]["enabled"]), f"{key}: Raft TLS as configured")
