@@ -180,6 +180,7 @@ fn app(backend: Arc<Fake>) -> axum::Router {
         backend,
         &AdminOptions {
             token: Some(TOKEN.into()),
+            ..Default::default()
         },
     )
 }

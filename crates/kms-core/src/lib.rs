@@ -12,6 +12,7 @@ pub mod policy;
 pub mod registry;
 pub mod state;
 pub mod stats;
+pub mod text;
 
 pub use command::{ActivationOutcome, ActivationRequest, Command, CommandResult, Grant, Refusal};
 pub use identity::HostIdentity;

@@ -37,7 +37,11 @@ fn main() -> ExitCode {
                 config.kms_listen,
                 clients,
                 config.admin_listen,
-                if config.admin_token.is_some() { "set" } else { "none" },
+                match (&config.admin_token, &config.admin_token_file) {
+                    (Some(_), Some(f)) => format!("from file {}", f.display()),
+                    (Some(_), None) => "set".to_owned(),
+                    (None, _) => "none".to_owned(),
+                },
                 config.raft_listen,
                 config.raft_heartbeat_ms,
                 config.raft_election_timeout_ms.0,
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
                 config.join,
                 config.dns.publish.len()
             );
+            println!("{}", kmsd::config::edge_summary(&config));
             ExitCode::SUCCESS
         }
         Some(Subcommand::Inspect) => kmsd::node::inspect(&config),
