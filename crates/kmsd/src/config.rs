@@ -259,6 +259,18 @@ pub struct Cli {
     #[arg(global = true, long, env = "KMSD_NEW_CLIENTS_BURST", value_name = "N")]
     pub new_clients_burst: Option<u32>,
 
+    /// Source networks the per-source limits do not apply to, repeatable; `none` for no
+    /// exemption [kms.edge_exempt_networks] (default 127.0.0.0/8 and ::1: load tools and a
+    /// proxy on the host itself).
+    #[arg(
+        global = true,
+        long = "edge-exempt-network",
+        env = "KMSD_EDGE_EXEMPT_NETWORKS",
+        value_name = "CIDR|none",
+        value_delimiter = ','
+    )]
+    pub edge_exempt_networks: Vec<String>,
+
     /// Seconds one KMS connection may live, whatever it sends [kms.max_connection_secs]
     /// (default 120; a real client needs well under a second).
     #[arg(
@@ -476,6 +488,7 @@ pub struct KmsSection {
     pub new_clients_per_sec: Option<f64>,
     pub new_clients_burst: Option<u32>,
     pub max_connection_secs: Option<u64>,
+    pub edge_exempt_networks: Option<Vec<String>>,
     pub allow_networks: Option<Vec<IpNet>>,
     pub ndr64: Option<bool>,
     pub btfn: Option<bool>,
@@ -609,6 +622,27 @@ pub struct Config {
 pub struct AdminTlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// `none` (alone) or CIDR networks; a plain address means that one address.
+fn parse_exempt(list: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    let mut out = Vec::new();
+    for item in list.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        if item.eq_ignore_ascii_case("none") {
+            continue;
+        }
+        let net = item
+            .parse::<IpNet>()
+            .or_else(|_| item.parse::<std::net::IpAddr>().map(IpNet::from))
+            .map_err(|_| {
+                invalid(
+                    "kms.edge_exempt_networks",
+                    format!("{item:?} is not a network (CIDR), an address or none"),
+                )
+            })?;
+        out.push(net);
+    }
+    Ok(out)
 }
 
 /// Reads the admin token file: trimmed, at least 16 characters, not readable by every user.
@@ -944,6 +978,17 @@ impl Config {
                 .or(file.kms.new_clients_burst)
                 .unwrap_or(crate::edge::DEFAULT_NEW_CLIENTS_BURST),
             max_sources: crate::edge::DEFAULT_MAX_SOURCES,
+            exempt: {
+                let list = if cli.edge_exempt_networks.is_empty() {
+                    file.kms.edge_exempt_networks.clone()
+                } else {
+                    Some(cli.edge_exempt_networks.clone())
+                };
+                match list {
+                    None => crate::edge::default_exempt(),
+                    Some(list) => parse_exempt(&list)?,
+                }
+            },
         };
         if !(edge.new_clients_per_sec.is_finite()
             && (0.0..=1_000_000.0).contains(&edge.new_clients_per_sec))
@@ -1119,6 +1164,17 @@ pub fn edge_summary(config: &Config) -> String {
             n.to_string()
         }
     };
+    let exempt = if config.edge.exempt.is_empty() {
+        "none".to_owned()
+    } else {
+        config
+            .edge
+            .exempt
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let rate = if config.edge.new_clients_per_sec <= 0.0 {
         "no limit".to_owned()
     } else {
@@ -1128,7 +1184,7 @@ pub fn edge_summary(config: &Config) -> String {
         )
     };
     format!(
-        "limits: admin {admin}, auth {auth}; per source address: connections {}, new clients {rate}; connection lifetime {} s, {} PDUs; registry max {} clients ({})",
+        "limits: admin {admin}, auth {auth}; per source address: connections {}, new clients {rate}, exempt {exempt}; connection lifetime {} s, {} PDUs; registry max {} clients ({})",
         per(config.edge.max_connections_per_source),
         config.max_connection_lifetime.as_secs(),
         config.max_pdus_per_connection,
@@ -1338,6 +1394,82 @@ mod tests {
             FileConfig::default()
         )
         .is_ok());
+    }
+
+    #[test]
+    fn edge_limits_from_file_and_flags_with_keys_named() {
+        let cfg = Config::merge(parse(&[]), FileConfig::default()).unwrap();
+        assert_eq!(cfg.edge, crate::edge::EdgeLimits::default());
+        assert_eq!(cfg.max_connection_lifetime.as_secs(), 120);
+        assert_eq!(
+            (cfg.admin_auth_failures, cfg.admin_auth_window.as_secs()),
+            (10, 60)
+        );
+        let file: FileConfig = toml::from_str(
+            "[kms]\nmax_connections_per_source = 32\nnew_clients_per_sec = 2.5\n\
+             new_clients_burst = 50\nedge_exempt_networks = [\"10.1.0.0/16\"]\n\
+             max_connection_secs = 30\n[storage]\nregistry_max_clients = 200000\n\
+             [admin]\nauth_failures = 5\nauth_window_secs = 600\n",
+        )
+        .unwrap();
+        let cfg = Config::merge(parse(&["--new-clients-burst", "70"]), file).unwrap();
+        assert_eq!(cfg.edge.max_connections_per_source, 32);
+        assert_eq!(cfg.edge.new_clients_per_sec, 2.5);
+        assert_eq!(cfg.edge.new_clients_burst, 70);
+        assert_eq!(
+            cfg.edge.exempt,
+            vec!["10.1.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(cfg.max_connection_lifetime.as_secs(), 30);
+        assert_eq!(cfg.registry_max_clients, 200_000);
+        assert_eq!(cfg.registry_bound_source, "setting");
+        assert_eq!(
+            (cfg.admin_auth_failures, cfg.admin_auth_window.as_secs()),
+            (5, 600)
+        );
+        let cfg = Config::merge(
+            parse(&["--edge-exempt-network", "none"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert!(cfg.edge.exempt.is_empty());
+        for (args, key) in [
+            (
+                &["--new-clients-per-sec", "NaN"][..],
+                "kms.new_clients_per_sec",
+            ),
+            (&["--new-clients-burst", "0"][..], "kms.new_clients_burst"),
+            (
+                &["--max-connection-secs", "0"][..],
+                "kms.max_connection_secs",
+            ),
+            (
+                &["--edge-exempt-network", "nope"][..],
+                "kms.edge_exempt_networks",
+            ),
+            (
+                &["--registry-max-clients", "10"][..],
+                "storage.registry_max_clients",
+            ),
+            (
+                &["--admin-auth-window-secs", "0"][..],
+                "admin.auth_window_secs",
+            ),
+            (&["--admin-tls-cert", "/x.pem"][..], "admin.tls_cert"),
+        ] {
+            let err = Config::merge(parse(args), FileConfig::default()).unwrap_err();
+            assert!(err.to_string().contains(key), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn token_and_token_file_in_the_file_are_exclusive() {
+        let file: FileConfig = toml::from_str(
+            "[admin]\ntoken = \"0123456789abcdef\"\ntoken_file = \"/run/secrets/t\"\n",
+        )
+        .unwrap();
+        let err = Config::merge(parse(&[]), file).unwrap_err();
+        assert!(err.to_string().contains("admin.token_file"), "{err}");
     }
 
     #[test]

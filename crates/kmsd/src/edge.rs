@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 
 /// Limits of one source address.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EdgeLimits {
     /// Most concurrent connections from one source (0 = no limit).
     pub max_connections_per_source: u32,
@@ -34,6 +34,17 @@ pub struct EdgeLimits {
     /// Most sources tracked one by one; more share one overflow entry (bounded memory under
     /// a flood from many addresses).
     pub max_sources: usize,
+    /// Sources the limits do not apply to (default loopback: load tools and a proxy on the
+    /// host itself).
+    pub exempt: Vec<ipnet::IpNet>,
+}
+
+/// Sources exempt by default: the host itself.
+pub fn default_exempt() -> Vec<ipnet::IpNet> {
+    ["127.0.0.0/8", "::1/128"]
+        .iter()
+        .filter_map(|n| n.parse().ok())
+        .collect()
 }
 
 impl Default for EdgeLimits {
@@ -43,6 +54,7 @@ impl Default for EdgeLimits {
             new_clients_per_sec: DEFAULT_NEW_CLIENTS_PER_SEC,
             new_clients_burst: DEFAULT_NEW_CLIENTS_BURST,
             max_sources: DEFAULT_MAX_SOURCES,
+            exempt: default_exempt(),
         }
     }
 }
@@ -130,14 +142,16 @@ pub struct EdgeLimiter {
 /// Held for the life of an accepted connection; gives the slot back when dropped.
 #[derive(Debug)]
 pub struct ConnectionSlot {
-    limiter: Arc<EdgeLimiter>,
-    key: SourceKey,
+    /// `None` for an exempt source (nothing counted).
+    held: Option<(Arc<EdgeLimiter>, SourceKey)>,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        if let Some(mut s) = self.limiter.sources.get_mut(&self.key) {
-            s.connections = s.connections.saturating_sub(1);
+        if let Some((limiter, key)) = &self.held {
+            if let Some(mut s) = limiter.sources.get_mut(key) {
+                s.connections = s.connections.saturating_sub(1);
+            }
         }
     }
 }
@@ -154,6 +168,15 @@ impl EdgeLimiter {
 
     pub fn limits(&self) -> &EdgeLimits {
         &self.limits
+    }
+
+    /// Whether `ip` is exempt from the limits.
+    pub fn is_exempt(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.limits.exempt.iter().any(|n| n.contains(&ip))
     }
 
     fn burst(&self) -> f64 {
@@ -199,6 +222,9 @@ impl EdgeLimiter {
         ip: IpAddr,
         now: Instant,
     ) -> Result<ConnectionSlot, Refusal> {
+        if self.is_exempt(ip) {
+            return Ok(ConnectionSlot { held: None });
+        }
         let key = self.key_for(ip);
         let max = self.limits.max_connections_per_source;
         let ok = self.with_source(key, now, |s| {
@@ -210,8 +236,7 @@ impl EdgeLimiter {
         });
         if ok {
             Ok(ConnectionSlot {
-                limiter: self.clone(),
-                key,
+                held: Some((self.clone(), key)),
             })
         } else {
             Err(Refusal::Connections)
@@ -220,7 +245,7 @@ impl EdgeLimiter {
 
     /// First step of the new-CMID check for a request from `ip`.
     pub fn new_client(&self, ip: IpAddr, now: Instant) -> NewClientCheck {
-        if self.limits.new_clients_per_sec <= 0.0 {
+        if self.limits.new_clients_per_sec <= 0.0 || self.is_exempt(ip) {
             return NewClientCheck::Allowed;
         }
         let half = self.burst() / 2.0;
@@ -374,6 +399,7 @@ mod tests {
             new_clients_per_sec: rate,
             new_clients_burst: burst,
             max_sources: 1000,
+            exempt: Vec::new(),
         }
     }
 
@@ -397,6 +423,24 @@ mod tests {
         assert!(l.connect(ip("2001:db8:0:1::1")).is_ok(), "other /64");
         let _v4 = l.connect(ip("192.0.2.7")).unwrap();
         assert!(l.connect(ip("::ffff:192.0.2.7")).is_err());
+    }
+
+    #[test]
+    fn exempt_sources_are_not_limited() {
+        let mut lim = limits(1, 1.0, 1);
+        lim.exempt = default_exempt();
+        let l = EdgeLimiter::new(lim);
+        let t0 = Instant::now();
+        let slots: Vec<_> = (0..10)
+            .map(|_| l.connect(ip("127.0.0.2")).unwrap())
+            .collect();
+        assert!(l.connect(ip("::ffff:127.0.0.1")).is_ok());
+        assert!(l.connect(ip("::1")).is_ok());
+        assert!((0..100).all(|_| l.new_client(ip("127.0.0.1"), t0) == NewClientCheck::Allowed));
+        assert_eq!(l.tracked(), 0, "nothing remembered for exempt sources");
+        let _a = l.connect(ip("10.0.0.1")).unwrap();
+        assert!(l.connect(ip("10.0.0.1")).is_err());
+        drop(slots);
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub struct KmsService {
 impl KmsService {
     pub fn new(config: KmsServerConfig, engine: Engine) -> Arc<Self> {
         let connections = Arc::new(Semaphore::new(config.max_connections));
-        let edge = EdgeLimiter::new(config.edge);
+        let edge = EdgeLimiter::new(config.edge.clone());
         Arc::new(Self {
             config,
             engine,

@@ -230,7 +230,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             idle_timeout: config.idle_timeout,
             max_pdus_per_connection: config.max_pdus_per_connection,
             max_connection_lifetime: config.max_connection_lifetime,
-            edge: config.edge,
+            edge: config.edge.clone(),
             allow_networks: config.allow_networks.clone(),
         },
         engine.clone(),
