@@ -512,7 +512,8 @@ pub async fn clients(args: ClientsArgs) -> u8 {
             .iter()
             .map(|cl| {
                 vec![
-                    cut(&cl.workstation, 24),
+                    // The client's own text: no control sequences on the operator's terminal.
+                    cut(&kms_core::text::escape_control(&cl.workstation), 24),
                     cut(&cl.product, 40),
                     cut(&cl.application, 16),
                     cl.address.clone().unwrap_or_else(|| "-".into()),
