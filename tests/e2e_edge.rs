@@ -584,3 +584,57 @@ async fn the_admin_api_speaks_https_with_an_operator_certificate() {
         .unwrap();
     assert!(status.success());
 }
+
+#[cfg(unix)]
+#[test]
+fn a_tsig_secret_file_other_users_can_read_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("tsig.secret");
+    write_secret(
+        &secret,
+        "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI=\n",
+        0o644,
+    );
+    // Nothing listens on the DNS port: publishing fails, the node runs on (loopback only).
+    let cfg = dir.path().join("kmsd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nadvertise_host = \"kms1.edge.test\"\n\n[[dns.publish]]\nzone = \"edge.test\"\n\
+             server = \"127.0.0.1:{}\"\ntsig_key_name = \"k\"\ntsig_secret_file = \"{}\"\n",
+            kms_tests::free_port(),
+            secret.display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.path().join("node")).unwrap();
+    let node = Node::start(
+        &dir.path().join("node"),
+        &["--config", cfg.to_str().unwrap()],
+    );
+    let log = node.log();
+    assert!(
+        log.lines().any(
+            |l| l.contains("WARN") && l.contains("TSIG secret file is readable by other users")
+        ),
+        "{log}"
+    );
+    drop(node);
+
+    // A private file: no warning.
+    write_secret(
+        &secret,
+        "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI=\n",
+        0o600,
+    );
+    std::fs::create_dir_all(dir.path().join("node2")).unwrap();
+    let node = Node::start(
+        &dir.path().join("node2"),
+        &["--config", cfg.to_str().unwrap()],
+    );
+    assert!(
+        !node.log().contains("TSIG secret file is readable"),
+        "{}",
+        node.log()
+    );
+}
