@@ -48,6 +48,10 @@ pub fn register_metrics() {
     for reason in crate::edge::RefusalReporter::reasons() {
         metrics::counter!("kms_edge_refused_total", "reason" => reason.label()).absolute(0);
     }
+    // Counted by the admin API's token check (kms-admin).
+    for reason in ["unauthorized", "throttled"] {
+        metrics::counter!("kms_admin_auth_refused_total", "reason" => reason).absolute(0);
+    }
 }
 
 /// One refusal by a per-source edge limit: always counted; `report` (at most one per
