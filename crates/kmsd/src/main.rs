@@ -4,6 +4,9 @@ use clap::Parser;
 use kmsd::config::{Cli, Config, Subcommand};
 
 fn main() -> ExitCode {
+    // Whatever kmsd writes (the node's state, `recover`'s rewrite of it) is private to its
+    // user: files 0600, directories 0700.
+    kmsd::hardening::private_umask();
     let mut cli = Cli::parse();
     let command = cli.command.take();
     let config = match Config::load(cli) {
