@@ -240,6 +240,36 @@ fn repeated_binds_count_toward_the_pdu_limit_of_a_connection() {
     );
 }
 
+#[test]
+fn a_connection_that_keeps_sending_is_closed_at_the_end_of_its_lifetime() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &["--max-connection-secs", "2"]);
+    let mut stream = TcpStream::connect(node.kms_addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let bind = ClientConnection::new(BindOptions::default()).bind();
+    let started = Instant::now();
+    // A bind every 200 ms never lets the idle timeout (30 s) fire; the lifetime does.
+    let closed_after = loop {
+        if stream.write_all(&bind).is_err() || read_pdu(&mut stream).is_none() {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "never closed");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        closed_after >= Duration::from_millis(1800),
+        "closed too early: {closed_after:?}"
+    );
+    let m = metrics(&node);
+    assert_eq!(
+        metric_value(&m, "kms_rpc_faults_total{reason=\"lifetime\"}"),
+        Some(1.0),
+        "{m}"
+    );
+}
+
 #[cfg(unix)]
 fn mode(path: &std::path::Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;

@@ -164,14 +164,15 @@ impl KmsService {
         let mut header = [0u8; HEADER_LEN];
         let mut pdu = Vec::with_capacity(512);
         let mut pdus: u64 = 0;
-        let end_of_life = tokio::time::Instant::now() + self.config.max_connection_lifetime;
+        let end_of_life = tokio::time::sleep(self.config.max_connection_lifetime);
+        tokio::pin!(end_of_life);
         loop {
             // The idle timeout covers waiting for a PDU and receiving all of it, so a client
             // dripping one byte at a time cannot hold a connection forever; the lifetime
             // bounds a connection that keeps sending.
             let read = tokio::select! {
                 r = tokio::time::timeout(self.config.idle_timeout, read_pdu(&mut stream, &mut header, &mut pdu, self.config.rpc.max_pdu_len)) => r,
-                _ = tokio::time::sleep_until(end_of_life) => {
+                () = &mut end_of_life => {
                     telemetry::rpc_fault("lifetime");
                     tracing::info!(%peer, "connection lifetime reached; closing");
                     return;
