@@ -532,6 +532,24 @@ async fn the_admin_api_speaks_https_with_an_operator_certificate() {
     std::fs::write(&ca_path, &ca).unwrap();
     std::fs::write(&cert_path, &chain).unwrap();
     std::fs::write(&key_path, &key).unwrap();
+    // check-config loads the pair; a key that does not parse is refused.
+    let tls_args = [
+        "--admin-tls-cert",
+        cert_path.to_str().unwrap(),
+        "--admin-tls-key",
+        key_path.to_str().unwrap(),
+    ];
+    let (code, out, err) = check_config(&tls_args);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("admin https (cert"), "{out}");
+    let (code, _, err) = check_config(&[
+        "--admin-tls-cert",
+        cert_path.to_str().unwrap(),
+        "--admin-tls-key",
+        ca_path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "a certificate is not a key: {err}");
+    assert!(err.contains("admin.tls_cert"), "{err}");
     std::fs::create_dir_all(dir.path().join("node")).unwrap();
     let mut node = Node::new(
         &dir.path().join("node"),

@@ -28,6 +28,12 @@ fn main() -> ExitCode {
     };
     match command {
         Some(Subcommand::CheckConfig) => {
+            if let Some(tls) = &config.admin_tls {
+                if let Err(e) = kmsd::admin::tls_server_config_from_files(&tls.cert, &tls.key) {
+                    eprintln!("kmsd: invalid value for admin.tls_cert: {e:#}");
+                    return ExitCode::from(2);
+                }
+            }
             let clients = if config.allow_networks.is_empty() {
                 "all".to_owned()
             } else {
