@@ -139,15 +139,40 @@ async fn formation_shared_count_identity_snapshot_join_and_removal() {
         || registered_cmids(&n4).len() == 3 + 60 + 1,
     );
 
-    // Remove node 4 through the admin API of another node.
-    let (status, body) = http_request(
-        nodes[1].admin_addr,
+    // Remove node 4: a follower's admin API redirects to the leader's (writes are never
+    // relayed between nodes); kmsctl follows the redirect.
+    let leader = leader_id(&nodes[0]).expect("a leader");
+    let (follower, leader_admin) = match leader {
+        1 => (&nodes[1], nodes[0].admin_addr),
+        n => (&nodes[0], nodes[(n - 1) as usize].admin_addr),
+    };
+    let (status, body, location) = kms_tests::http_request_full(
+        follower.admin_addr,
         "DELETE",
         "/api/v1/cluster/members/4",
         None,
     )
     .unwrap();
-    assert!(status == 200 || status == 204, "remove: {status} {body}");
+    assert_eq!(status, 307, "remove on a follower: {body}");
+    assert_eq!(
+        location.as_deref(),
+        Some(format!("http://{leader_admin}/api/v1/cluster/members/4").as_str())
+    );
+    let out = Command::new(binary("kmsctl"))
+        .args([
+            "cluster",
+            "remove",
+            "--url",
+            &format!("http://{}", follower.admin_addr),
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_until("3 members again", Duration::from_secs(20), || {
         cluster_json(&nodes[0])["members"].as_array().map(Vec::len) == Some(3)
     });

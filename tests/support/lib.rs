@@ -70,7 +70,9 @@ impl Node {
     }
 
     /// Starts node `node_id` of a cluster: the first one bootstraps (`join` empty), the
-    /// others join through the admin API of `join`. Returns once the node is ready.
+    /// others join through `join`: with the built-in cluster PKI (the default) with a join
+    /// token created on `join` and its Raft address; with `--insecure-raft-transport` or
+    /// `--raft-tls-*` in `extra_args` through its admin API. Returns once the node is ready.
     pub fn start_member(
         dir: &Path,
         node_id: u64,
@@ -79,8 +81,17 @@ impl Node {
     ) -> Node {
         let mut args: Vec<String> = vec!["--node-id".into(), node_id.to_string()];
         if let Some(j) = join {
+            let admin_join = extra_args
+                .iter()
+                .any(|a| *a == "--insecure-raft-transport" || *a == "--raft-tls-cert");
             args.push("--join".into());
-            args.push(format!("http://{}", j.admin_addr));
+            if admin_join {
+                args.push(format!("http://{}", j.admin_addr));
+            } else {
+                args.push(j.raft_addr.to_string());
+                args.push("--join-token".into());
+                args.push(j.create_join_token(1));
+            }
         }
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -171,6 +182,37 @@ impl Node {
             .spawn()
             .expect("spawn kmsd");
         self.child = Some(child);
+    }
+
+    /// Creates a join token for `uses` nodes on this node's admin API (following the
+    /// redirect to the leader) and returns it.
+    pub fn create_join_token(&self, uses: u32) -> String {
+        let body = format!("{{\"ttl_secs\":600,\"uses\":{uses}}}");
+        let mut addr = self.admin_addr;
+        for _ in 0..20 {
+            let (status, text, location) =
+                http_request_full(addr, "POST", "/api/v1/cluster/tokens", Some(&body))
+                    .expect("admin API reachable");
+            match status {
+                201 => {
+                    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+                    return v["token"].as_str().expect("token").to_owned();
+                }
+                307 => {
+                    let location = location.expect("Location header");
+                    let host = location
+                        .trim_start_matches("http://")
+                        .split('/')
+                        .next()
+                        .unwrap_or_default();
+                    addr = host.parse().expect("leader admin address");
+                }
+                // No leader yet (an election): try again shortly.
+                503 => std::thread::sleep(Duration::from_millis(250)),
+                other => panic!("token creation answered {other}: {text}"),
+            }
+        }
+        panic!("no join token from {}", self.admin_addr);
     }
 
     /// True while the process runs.
@@ -297,6 +339,16 @@ pub fn http_request(
     path: &str,
     json_body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
+    http_request_full(addr, method, path, json_body).map(|(status, body, _)| (status, body))
+}
+
+/// Like [`http_request`], also returning the `Location` header.
+pub fn http_request_full(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json_body: Option<&str>,
+) -> std::io::Result<(u16, String, Option<String>)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     let body = json_body.unwrap_or("");
@@ -312,11 +364,13 @@ pub fn http_request(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let location = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("location")
+            .then(|| value.trim().to_owned())
+    });
+    Ok((status, body.to_owned(), location))
 }
 
 /// The value of a Prometheus sample line starting with `prefix` (name plus labels).

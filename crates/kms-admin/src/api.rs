@@ -37,6 +37,18 @@ pub struct AdminOptions {
     pub auth_failures: u32,
     /// The window of `auth_failures`.
     pub auth_window: std::time::Duration,
+    /// The admin API is served over TLS (redirects to the leader use `https`).
+    pub tls: bool,
+}
+
+impl AdminOptions {
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
 }
 
 struct BearerAuth;
@@ -78,6 +90,11 @@ fn api_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(get_cluster))
         .routes(routes!(join_cluster))
         .routes(routes!(remove_member))
+        .routes(routes!(
+            crate::tokens::create_token,
+            crate::tokens::list_tokens
+        ))
+        .routes(routes!(crate::tokens::revoke_token))
         .routes(routes!(get_clients))
         .routes(routes!(get_events))
         .routes(routes!(get_config, put_config))
@@ -110,6 +127,10 @@ pub fn router(backend: Arc<dyn AdminBackend>, options: &AdminOptions) -> Router 
     };
     let api = api
         .route_layer(middleware::from_fn_with_state(auth, require_token))
+        .layer(middleware::from_fn_with_state(
+            options.scheme(),
+            crate::error::redirect_to_leader,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
     Router::new()
         .merge(api)

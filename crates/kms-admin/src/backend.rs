@@ -146,6 +146,48 @@ pub enum BackendError {
     /// 500.
     #[error("internal error: {0}")]
     Internal(String),
+    /// 307 to the leader's admin API: writes are made on the leader only (never relayed
+    /// between nodes). `leader_admin` is its admin address (`host:port`).
+    #[error("this node is not the leader; the leader's admin API is at {leader_admin}")]
+    NotLeader { leader_admin: String },
+}
+
+/// A join token as the admin API shows it (the secret is never kept).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct JoinTokenView {
+    pub id: String,
+    pub description: String,
+    /// RFC 3339.
+    pub created: String,
+    /// RFC 3339; absent: never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+    pub uses_left: u32,
+    pub expired: bool,
+}
+
+/// `POST /api/v1/cluster/tokens`.
+#[derive(
+    Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    /// Seconds the token is valid (default 86400; 0: never expires).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// How many nodes may join with it (default 1).
+    #[serde(default)]
+    pub uses: Option<u32>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// The created token: `token` is shown once and goes to `kmsd --join-token`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct CreatedTokenView {
+    pub token: String,
+    #[serde(flatten)]
+    pub record: JoinTokenView,
 }
 
 /// What `/readyz` is asked about (`?for=`).
@@ -204,5 +246,23 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// Extra listen addresses to show in status (e.g. a separate metrics listener).
     fn metrics_listen(&self) -> Option<SocketAddr> {
         None
+    }
+    /// Creates a join token for the built-in cluster PKI (leader only).
+    async fn create_join_token(
+        &self,
+        _request: CreateTokenRequest,
+    ) -> Result<CreatedTokenView, BackendError> {
+        Err(BackendError::Invalid {
+            field: "body".into(),
+            message: "this node does not issue join tokens".into(),
+        })
+    }
+    /// The cluster's join tokens.
+    async fn join_tokens(&self) -> Result<Vec<JoinTokenView>, BackendError> {
+        Ok(Vec::new())
+    }
+    /// Revokes a join token (leader only).
+    async fn revoke_join_token(&self, id: &str) -> Result<(), BackendError> {
+        Err(BackendError::NotFound(format!("join token {id}")))
     }
 }

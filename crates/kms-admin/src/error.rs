@@ -12,14 +12,15 @@ use crate::backend::BackendError;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// Machine-readable kind: `invalid_input`, `unauthorized`, `too_many_requests`,
-    /// `not_found`, `conflict`, `unavailable`, `internal`.
+    /// `not_found`, `conflict`, `unavailable`, `not_leader` (307, `Location` names the same
+    /// path on the leader), `internal`.
     pub error: String,
     pub message: String,
     /// The offending field, query parameter or path segment (400 only), e.g.
     /// `policy.activation_interval`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
-    /// Admin URL of the leader when this node is not it (503 only).
+    /// Admin address of the leader when this node is not it (307 and 503).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader_admin: Option<String>,
 }
@@ -44,7 +45,15 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Internal(String),
+    /// 307 to the same path on the leader's admin API.
+    #[error("this node is not the leader; repeat the request on the leader's admin API at {leader_admin}")]
+    NotLeader { leader_admin: String },
 }
+
+/// Marks a response to be redirected to the leader; the router's redirect layer turns it
+/// into a `Location` for the request's own path.
+#[derive(Debug, Clone)]
+pub struct LeaderRedirect(pub String);
 
 impl ApiError {
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -63,6 +72,7 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::NotLeader { .. } => StatusCode::TEMPORARY_REDIRECT,
         }
     }
 
@@ -75,6 +85,7 @@ impl ApiError {
             Self::Conflict(_) => ("conflict", None, None),
             Self::Unavailable { leader_admin, .. } => ("unavailable", None, leader_admin.clone()),
             Self::Internal(_) => ("internal", None, None),
+            Self::NotLeader { leader_admin } => ("not_leader", None, Some(leader_admin.clone())),
         };
         let message = match self {
             Self::Unauthorized => "missing or wrong bearer token".to_owned(),
@@ -105,6 +116,7 @@ impl From<BackendError> for ApiError {
                 leader_admin,
             },
             BackendError::Internal(m) => Self::Internal(m),
+            BackendError::NotLeader { leader_admin } => Self::NotLeader { leader_admin },
         }
     }
 }
@@ -112,6 +124,11 @@ impl From<BackendError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
+        if let Self::NotLeader { leader_admin } = &self {
+            response
+                .extensions_mut()
+                .insert(LeaderRedirect(leader_admin.clone()));
+        }
         if matches!(self, Self::Unauthorized) {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -125,4 +142,29 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Turns a [`LeaderRedirect`] answer into a `307` whose `Location` is the same path and query
+/// on the leader's admin API (`scheme` is this admin listener's: every node serves the same).
+pub async fn redirect_to_leader(
+    axum::extract::State(scheme): axum::extract::State<&'static str>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    let mut response = next.run(request).await;
+    let leader = response
+        .extensions()
+        .get::<LeaderRedirect>()
+        .map(|l| l.0.clone());
+    if let Some(leader) = leader {
+        if let Ok(value) = HeaderValue::from_str(&format!("{scheme}://{leader}{path}")) {
+            response.headers_mut().insert(header::LOCATION, value);
+        }
+    }
+    response
 }

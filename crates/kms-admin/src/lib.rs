@@ -14,12 +14,14 @@ pub mod extract;
 pub mod metrics;
 pub mod names;
 pub mod service;
+pub mod tokens;
 pub mod views;
 
 pub use api::{openapi, ops_router, router, AdminOptions};
 pub use backend::{
-    AdminBackend, BackendError, ClusterStatus, DnsAdvert, DnsDomainStatus, DnsStatus, JoinRequest,
-    JoinResponse, MemberStatus, NodeStatus, Readiness, Role,
+    AdminBackend, BackendError, ClusterStatus, CreateTokenRequest, CreatedTokenView, DnsAdvert,
+    DnsDomainStatus, DnsStatus, JoinRequest, JoinResponse, JoinTokenView, MemberStatus, NodeStatus,
+    Readiness, Role,
 };
 pub use error::{ApiError, ErrorBody};
 pub use events::{Event, EventLog, EventQuery};

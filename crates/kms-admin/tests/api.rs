@@ -89,6 +89,16 @@ impl AdminBackend for Fake {
             n => Err(BackendError::NotFound(format!("member {n}"))),
         }
     }
+    async fn revoke_join_token(&self, id: &str) -> Result<(), BackendError> {
+        match id {
+            "2" => Ok(()),
+            // A follower: the leader's admin API is elsewhere.
+            "3" => Err(BackendError::NotLeader {
+                leader_admin: "10.9.9.9:8688".into(),
+            }),
+            other => Err(BackendError::NotFound(format!("join token {other}"))),
+        }
+    }
     async fn propose(&self, command: Command) -> Result<CommandResult, BackendError> {
         self.proposals.lock().unwrap().push(command.clone());
         Ok(self.state.write().await.apply(&command))
@@ -248,6 +258,9 @@ async fn openapi_document_matches_the_routes() {
             "GET /api/v1/cluster",
             "POST /api/v1/cluster/join",
             "DELETE /api/v1/cluster/members/2",
+            "GET /api/v1/cluster/tokens",
+            "POST /api/v1/cluster/tokens",
+            "DELETE /api/v1/cluster/tokens/2",
             "GET /api/v1/config",
             "PUT /api/v1/config",
             "GET /api/v1/events",
@@ -283,6 +296,63 @@ async fn openapi_document_matches_the_routes() {
     let served = get_json(&app, "/api/v1/openapi.json").await;
     assert_eq!(served, serde_json::to_value(openapi()).unwrap());
     assert!(served["components"]["securitySchemes"]["bearer"].is_object());
+}
+
+#[tokio::test]
+async fn writes_on_a_follower_redirect_to_the_leader_with_the_same_path() {
+    let app = app(fake());
+    let (status, body) = call(
+        &app,
+        Method::DELETE,
+        "/api/v1/cluster/tokens/3?x=1",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::TEMPORARY_REDIRECT, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "not_leader");
+    assert_eq!(v["leader_admin"], "10.9.9.9:8688");
+    let req = Request::builder()
+        .method(Method::DELETE)
+        .uri("/api/v1/cluster/tokens/3?x=1")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::empty())
+        .unwrap();
+    let response = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(
+        response.headers()["location"],
+        "http://10.9.9.9:8688/api/v1/cluster/tokens/3?x=1"
+    );
+    // Token requests are checked before anything is proposed.
+    for (body, field) in [
+        (r#"{"ttl_secs": 99999999999}"#, "ttl_secs"),
+        (r#"{"uses": 0}"#, "uses"),
+        (r#"{"uses": 1, "extra": 1}"#, "body"),
+    ] {
+        let (status, text) = call(
+            &app,
+            Method::POST,
+            "/api/v1/cluster/tokens",
+            Some(TOKEN),
+            Some(body),
+        )
+        .await;
+        if field == "body" {
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        } else {
+            assert_400(status, &text, field);
+        }
+    }
+    let (status, text) = call(
+        &app,
+        Method::DELETE,
+        "/api/v1/cluster/tokens/not-an-id",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_400(status, &text, "id");
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::security::{SecurityCommand, SecurityError};
 use crate::{HostIdentity, Policy, UnixMillis};
 
 /// One activation request as the host saw it (decoded KMS base request + transport facts).
@@ -49,6 +50,8 @@ pub enum Command {
     SetPolicy(Policy),
     /// Drops registry entries older than the policy's retention and expired CMIDs at `now`.
     Expire { now: UnixMillis },
+    /// Changes the cluster's security state (CA, node certificates, join tokens).
+    Security(SecurityCommand),
 }
 
 /// A successful answer to one activation request.
@@ -90,4 +93,6 @@ pub enum CommandResult {
     Policy(Result<(), String>),
     /// Number of registry entries and CMIDs dropped.
     Expired { clients: usize, cmids: usize },
+    /// A security command applied, or why it was refused (nothing changed then).
+    Security(Result<(), SecurityError>),
 }

@@ -10,6 +10,7 @@ pub mod counting;
 pub mod identity;
 pub mod policy;
 pub mod registry;
+pub mod security;
 pub mod state;
 pub mod stats;
 pub mod text;

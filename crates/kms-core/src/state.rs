@@ -9,6 +9,7 @@ use crate::counting::{
 };
 use crate::policy::ProductPolicy;
 use crate::registry::{ClientPage, ClientQuery, ClientRecord, Registry};
+use crate::security::ClusterSecurity;
 use crate::stats::Statistics;
 use crate::{Command, CommandResult, HostIdentity, Policy, UnixMillis, DAY_MS};
 
@@ -23,9 +24,9 @@ pub const HR_CLOCK_SKEW: u32 = 0xC004_F06C;
 /// Snapshot header: magic then format version, so a foreign or future file is rejected
 /// with a clear error instead of being misread.
 const SNAPSHOT_MAGIC: &[u8; 4] = b"KMSS";
-/// 2 added each client's last request time (to recognise a request applied twice); 1 is
-/// still read.
-const SNAPSHOT_VERSION: u8 = 2;
+/// 3 added the cluster's security state (CA, node certificates, join tokens); 2 added each
+/// client's last request time (to recognise a request applied twice); 1 and 2 are still read.
+const SNAPSHOT_VERSION: u8 = 3;
 
 /// Why a snapshot could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,17 @@ struct StateV1 {
     statistics: Statistics,
 }
 
+/// [`State`] as snapshot format 2 wrote it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct StateV2 {
+    identity: Option<HostIdentity>,
+    policy: Policy,
+    counting: Counting,
+    registry: Registry,
+    statistics: Statistics,
+}
+
 /// The whole replicated state. Serializable as a snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -74,6 +86,7 @@ pub struct State {
     counting: Counting,
     registry: Registry,
     statistics: Statistics,
+    security: ClusterSecurity,
 }
 
 fn refuse(hresult: u32, reason: impl Into<String>) -> ActivationOutcome {
@@ -115,6 +128,7 @@ impl State {
                 let cmids = self.counting.expire(*now);
                 CommandResult::Expired { clients, cmids }
             }
+            Command::Security(command) => CommandResult::Security(self.security.apply(command)),
         }
     }
 
@@ -300,6 +314,11 @@ impl State {
         &self.policy
     }
 
+    /// The cluster's security state (CA, node certificates, join tokens).
+    pub fn security(&self) -> &ClusterSecurity {
+        &self.security
+    }
+
     pub fn statistics(&self) -> &Statistics {
         &self.statistics
     }
@@ -383,6 +402,18 @@ impl State {
         let (&version, body) = body.split_first().ok_or(SnapshotError::BadMagic)?;
         let (state, rest) = match version {
             SNAPSHOT_VERSION => postcard::take_from_bytes::<State>(body)?,
+            2 => {
+                let (v2, rest) = postcard::take_from_bytes::<StateV2>(body)?;
+                let state = State {
+                    identity: v2.identity,
+                    policy: v2.policy,
+                    counting: v2.counting,
+                    registry: v2.registry,
+                    statistics: v2.statistics,
+                    security: ClusterSecurity::default(),
+                };
+                (state, rest)
+            }
             1 => {
                 let (v1, rest) = postcard::take_from_bytes::<StateV1>(body)?;
                 let state = State {
@@ -391,6 +422,7 @@ impl State {
                     counting: v1.counting,
                     registry: Registry::try_from(v1.registry).map_err(SnapshotError::Invalid)?,
                     statistics: v1.statistics,
+                    security: ClusterSecurity::default(),
                 };
                 (state, rest)
             }
@@ -440,5 +472,22 @@ mod tests {
         for cut in [bytes.len() - 1, 6] {
             assert!(State::from_snapshot(&bytes[..cut]).is_err());
         }
+    }
+
+    #[test]
+    fn format_2_snapshots_are_read_without_security_state() {
+        let v2 = StateV2 {
+            identity: None,
+            policy: Policy::default(),
+            counting: Counting::default(),
+            registry: Registry::default(),
+            statistics: Statistics::default(),
+        };
+        let mut bytes = SNAPSHOT_MAGIC.to_vec();
+        bytes.push(2);
+        bytes.extend(postcard::to_allocvec(&v2).unwrap());
+        let state = State::from_snapshot(&bytes).unwrap();
+        assert!(state.security().ca().is_none());
+        assert_eq!(state, State::default());
     }
 }

@@ -1,20 +1,23 @@
 //! Calls a follower hands to the leader over the `Forward` RPC.
+//!
+//! Least privilege: a peer can hand over client activations (the leader stamps the time
+//! itself and decides them like its own clients') and ask the node to stand for election (the
+//! graceful handover). Identity, expiry, policy, membership and security changes never arrive
+//! from a peer: they are made on the leader through the authenticated admin API.
 
-use kms_core::{ActivationOutcome, ActivationRequest, Command, CommandResult};
+use kms_core::{ActivationOutcome, ActivationRequest};
 use serde::{Deserialize, Serialize};
 
-use crate::types::{KmsNode, NodeId};
+use crate::types::NodeId;
+
+/// Version of the `Forward` call encoding this build speaks (sent in the request; a call of
+/// another version is refused with a clear error instead of being misread).
+pub const FORWARD_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ForwardCall {
     /// Activations to commit in the leader's next batch.
     Activate(Vec<ActivationRequest>),
-    /// Any other command (policy, identity, expiry).
-    Command(Command),
-    /// Add a node: learner first, then voter once it caught up.
-    Join { node_id: NodeId, node: KmsNode },
-    /// Remove a node from the voters and learners.
-    Remove { node_id: NodeId },
     /// Start an election now (the current leader is stepping down).
     Elect,
 }
@@ -22,7 +25,6 @@ pub enum ForwardCall {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ForwardReply {
     Activations(Vec<ActivationOutcome>),
-    Command(CommandResult),
     Done,
     Error(ForwardError),
 }
@@ -43,4 +45,5 @@ pub enum ForwardErrorKind {
     NotMember(NodeId),
     Unavailable,
     Internal,
+    Refused,
 }

@@ -1,8 +1,7 @@
 //! Client side of the Raft transport: tonic channels to peers, optional mutual TLS, the
 //! cluster id on every call.
 
-use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{
@@ -15,60 +14,16 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{
-    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
-};
-use uuid::Uuid;
+use tonic::transport::{Channel, Endpoint};
 
-use crate::forward::{ForwardCall, ForwardReply};
+pub use crate::auth::{SharedClusterId, CLUSTER_ID_HEADER};
+use crate::error::TransportError;
+use crate::forward::{ForwardCall, ForwardReply, FORWARD_VERSION};
+use crate::grpc::{Enrolled, Enrollment, LEADER_HEADER};
 use crate::proto::raft_client::RaftClient;
-use crate::proto::{ForwardRequest, RaftPayload};
+use crate::proto::{EnrollRequest, ForwardRequest, JoinRequest, RaftPayload};
+pub use crate::tls::{Tls, TlsFiles};
 use crate::types::{KmsNode, NodeId, TypeConfig};
-
-/// Metadata header carrying the sender's cluster id.
-pub const CLUSTER_ID_HEADER: &str = "x-kms-cluster-id";
-
-/// PEM files for mutual TLS between nodes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// CA that signed every node's certificate; peers must present one it signed.
-    pub ca: PathBuf,
-    /// Name expected in peer certificates (SAN), the same for all nodes.
-    pub server_name: String,
-}
-
-/// Loaded TLS material.
-#[derive(Clone)]
-pub struct Tls {
-    pub server: ServerTlsConfig,
-    pub client: ClientTlsConfig,
-}
-
-impl Tls {
-    pub fn load(files: &TlsFiles) -> Result<Self, String> {
-        let read =
-            |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
-        let cert = read(&files.cert)?;
-        let key = read(&files.key)?;
-        let ca = read(&files.ca)?;
-        let identity = Identity::from_pem(&cert, &key);
-        let ca = Certificate::from_pem(ca);
-        Ok(Self {
-            server: ServerTlsConfig::new()
-                .identity(identity.clone())
-                .client_ca_root(ca.clone()),
-            client: ClientTlsConfig::new()
-                .ca_certificate(ca)
-                .identity(identity)
-                .domain_name(files.server_name.clone()),
-        })
-    }
-}
-
-/// The cluster id this node knows (None until it has an identity).
-pub type SharedClusterId = Arc<RwLock<Option<Uuid>>>;
 
 /// How to reach peers.
 #[derive(Clone)]
@@ -83,17 +38,17 @@ pub struct Transport {
 
 impl Transport {
     /// A lazily connecting channel to `addr` (`host:port`).
-    pub fn channel(&self, addr: &str) -> Result<Channel, String> {
+    pub fn channel(&self, addr: &str) -> Result<Channel, TransportError> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-            .map_err(|e| format!("bad peer address {addr}: {e}"))?
+            .map_err(|e| TransportError::Address(format!("{addr}: {e}")))?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
         if let Some(tls) = &self.tls {
             endpoint = endpoint
                 .tls_config(tls.client.clone())
-                .map_err(|e| format!("TLS for {addr}: {e}"))?;
+                .map_err(|e| TransportError::Tls(format!("{addr}: {e}")))?;
         }
         Ok(endpoint.connect_lazy())
     }
@@ -113,11 +68,11 @@ impl Transport {
     }
 
     /// The cached channel to `addr`, created on first use.
-    fn shared_channel(&self, addr: &str) -> Result<Channel, String> {
+    fn shared_channel(&self, addr: &str) -> Result<Channel, TransportError> {
         let mut cache = self
             .channels
             .lock()
-            .map_err(|_| "channel cache lock poisoned".to_owned())?;
+            .map_err(|_| TransportError::Unreachable("channel cache lock poisoned".into()))?;
         if let Some(c) = cache.get(addr) {
             return Ok(c.clone());
         }
@@ -132,32 +87,148 @@ impl Transport {
         raft_addr: &str,
         call: &ForwardCall,
         timeout: Duration,
-    ) -> Result<ForwardReply, String> {
+    ) -> Result<ForwardReply, TransportError> {
         let channel = self.shared_channel(raft_addr)?;
         let mut client = RaftClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-        let bytes = postcard::to_allocvec(call).map_err(|e| e.to_string())?;
+        let bytes = encode(call)?;
+        let request = ForwardRequest {
+            call: bytes,
+            version: FORWARD_VERSION,
+        };
         let response = tokio::time::timeout(
             timeout,
-            client.forward(self.request(ForwardRequest { call: bytes }, Some(timeout))),
+            client.forward(self.request(request, Some(timeout))),
         )
         .await
-        .map_err(|_| format!("forward to {raft_addr} timed out"))?
-        .map_err(|s| format!("forward to {raft_addr}: {}", s.message()))?;
-        postcard::from_bytes(&response.into_inner().reply).map_err(|e| e.to_string())
+        .map_err(|_| TransportError::Unreachable(format!("forward to {raft_addr} timed out")))?
+        .map_err(|s| status_error(raft_addr, s))?;
+        decode(&response.into_inner().reply)
+    }
+
+    /// Asks the member at `raft_addr` for a node certificate, with a join token. The member
+    /// is verified against `ca_der` (the CA the token pinned); this node presents nothing.
+    pub async fn enroll(
+        &self,
+        raft_addr: &str,
+        ca_der: &[u8],
+        enrollment: Enrollment,
+        timeout: Duration,
+    ) -> Result<Enrolled, TransportError> {
+        let endpoint = Endpoint::from_shared(format!("https://{raft_addr}"))
+            .map_err(|e| TransportError::Address(format!("{raft_addr}: {e}")))?
+            .connect_timeout(self.connect_timeout)
+            .tls_config(Tls::enrollment_client(ca_der))
+            .map_err(|e| TransportError::Tls(format!("{raft_addr}: {e}")))?;
+        let channel = tokio::time::timeout(timeout, endpoint.connect())
+            .await
+            .map_err(|_| TransportError::Unreachable(format!("{raft_addr}: connect timed out")))?
+            .map_err(|e| TransportError::Unreachable(format!("{raft_addr}: {e}")))?;
+        let mut client = RaftClient::new(channel);
+        let request = EnrollRequest {
+            token_id: enrollment.token_id,
+            token_secret: enrollment.token_secret,
+            node_id: enrollment.node_id,
+            csr: enrollment.csr_der,
+        };
+        let response =
+            tokio::time::timeout(timeout, client.enroll(self.request(request, Some(timeout))))
+                .await
+                .map_err(|_| {
+                    TransportError::Unreachable(format!("enroll at {raft_addr} timed out"))
+                })?
+                .map_err(|s| status_error(raft_addr, s))?
+                .into_inner();
+        Ok(Enrolled {
+            cert_der: response.certificate,
+            ca_der: response.ca_certificate,
+        })
+    }
+
+    /// Asks the leader for a new certificate of this node, presenting the current one.
+    pub async fn rotate(
+        &self,
+        raft_addr: &str,
+        enrollment: Enrollment,
+        timeout: Duration,
+    ) -> Result<Enrolled, TransportError> {
+        let mut client = RaftClient::new(self.shared_channel(raft_addr)?);
+        let request = EnrollRequest {
+            token_id: String::new(),
+            token_secret: String::new(),
+            node_id: enrollment.node_id,
+            csr: enrollment.csr_der,
+        };
+        let response =
+            tokio::time::timeout(timeout, client.enroll(self.request(request, Some(timeout))))
+                .await
+                .map_err(|_| {
+                    TransportError::Unreachable(format!("enroll at {raft_addr} timed out"))
+                })?
+                .map_err(|s| status_error(raft_addr, s))?
+                .into_inner();
+        Ok(Enrolled {
+            cert_der: response.certificate,
+            ca_der: response.ca_certificate,
+        })
+    }
+
+    /// Asks the member at `raft_addr` (the leader) to add this enrolled node.
+    pub async fn join(
+        &self,
+        raft_addr: &str,
+        node: &KmsNode,
+        timeout: Duration,
+    ) -> Result<NodeId, TransportError> {
+        let channel = self.shared_channel(raft_addr)?;
+        let mut client = RaftClient::new(channel);
+        let request = JoinRequest {
+            node: encode(node)?,
+        };
+        let response =
+            tokio::time::timeout(timeout, client.join(self.request(request, Some(timeout))))
+                .await
+                .map_err(|_| TransportError::Unreachable(format!("join at {raft_addr} timed out")))?
+                .map_err(|s| status_error(raft_addr, s))?;
+        Ok(response.into_inner().leader_id)
+    }
+}
+
+/// A gRPC status from `addr` as a transport error ("not the leader" names the leader).
+fn status_error(addr: &str, status: tonic::Status) -> TransportError {
+    match status.code() {
+        tonic::Code::FailedPrecondition
+            if status.metadata().get(LEADER_HEADER).is_some()
+                || status.message() == "not the leader" =>
+        {
+            let leader = status
+                .metadata()
+                .get(LEADER_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            TransportError::Redirect(leader)
+        }
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+            TransportError::Refused(format!("{addr}: {}", status.message()))
+        }
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            TransportError::Unreachable(format!("{addr}: {}", status.message()))
+        }
+        _ => TransportError::Remote(format!("{addr}: {}", status.message())),
     }
 }
 
 /// Largest gRPC message (snapshot chunks are smaller; see `snapshot_max_chunk_size`).
 pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
-pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
-    postcard::to_allocvec(value).map_err(|e| e.to_string())
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, TransportError> {
+    postcard::to_allocvec(value).map_err(|e| TransportError::Decode(e.to_string()))
 }
 
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    postcard::from_bytes(bytes).map_err(|e| e.to_string())
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, TransportError> {
+    postcard::from_bytes(bytes).map_err(|e| TransportError::Decode(e.to_string()))
 }
 
 /// Creates one [`PeerClient`] per target.
@@ -186,19 +257,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 pub struct PeerClient {
     target: NodeId,
     transport: Transport,
-    client: Result<RaftClient<Channel>, String>,
+    client: Result<RaftClient<Channel>, TransportError>,
 }
-
-#[derive(Debug)]
-struct TransportError(String);
-
-impl std::fmt::Display for TransportError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for TransportError {}
 
 type Rpc<T, E> = Result<T, RPCError<NodeId, KmsNode, RaftError<NodeId, E>>>;
 
@@ -214,10 +274,13 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let unreachable = |m: String| RPCError::Unreachable(Unreachable::new(&TransportError(m)));
-        let client = self.client.as_mut().map_err(|e| unreachable(e.clone()))?;
-        let payload =
-            encode(req).map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e))))?;
+        let unreachable =
+            |m: String| RPCError::Unreachable(Unreachable::new(&TransportError::Unreachable(m)));
+        let client = self
+            .client
+            .as_mut()
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e.clone())))?;
+        let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let ttl = option.hard_ttl();
         let request = self.transport.request(RaftPayload { payload }, Some(ttl));
         let result = match kind {
@@ -233,13 +296,13 @@ impl PeerClient {
                     status.message()
                 ))
             }
-            _ => RPCError::Network(NetworkError::new(&TransportError(format!(
+            _ => RPCError::Network(NetworkError::new(&TransportError::Remote(format!(
                 "{kind:?} to node {}: {status}",
                 self.target
             )))),
         })?;
         let decoded: Result<Resp, RaftError<NodeId, E>> = decode(&response.into_inner().payload)
-            .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e))))?;
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

@@ -7,12 +7,15 @@
 use std::io::Cursor;
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use kms_core::State;
 use kms_store::Storage;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
 use tokio::sync::{watch, RwLock};
 
+use crate::auth::{CertDirectory, PeerAuth};
 use crate::types::{
     ApplyResult, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
@@ -30,11 +33,23 @@ pub struct StateMachineStore {
     state: Arc<RwLock<State>>,
     applied: Arc<watch::Sender<Applied>>,
     storage: Arc<dyn Storage>,
+    /// The node certificates the state records, published for the transport's peer checks.
+    certs: CertDirectory,
+}
+
+/// Publishes the state's node certificates for the transport.
+fn publish_certs(state: &State, certs: &CertDirectory) {
+    let directory: HashMap<_, _> = state
+        .security()
+        .node_certs()
+        .map(|(id, fp)| (*fp, id))
+        .collect();
+    PeerAuth::publish_certs(certs, directory);
 }
 
 impl StateMachineStore {
     /// Loads the last snapshot from `storage`, if any.
-    pub fn open(storage: Arc<dyn Storage>) -> Result<Self, String> {
+    pub fn open(storage: Arc<dyn Storage>, certs: CertDirectory) -> Result<Self, String> {
         let (state, applied) = match storage.read_snapshot().map_err(|e| e.to_string())? {
             Some((meta, body)) => {
                 let meta: SnapshotMeta =
@@ -51,10 +66,12 @@ impl StateMachineStore {
             None => (State::default(), Applied::default()),
         };
         let (applied_tx, _) = watch::channel(applied);
+        publish_certs(&state, &certs);
         Ok(Self {
             state: Arc::new(RwLock::new(state)),
             applied: Arc::new(applied_tx),
             storage,
+            certs,
         })
     }
 
@@ -168,11 +185,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut results = Vec::new();
         let mut state = self.state.write().await;
         let mut applied = self.applied.borrow().clone();
+        let mut security_changed = false;
         for entry in entries {
             applied.last_applied = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Blank => results.push(ApplyResult::Internal),
                 EntryPayload::Normal(command) => {
+                    security_changed |= matches!(command, kms_core::Command::Security(_));
                     results.push(ApplyResult::Command(state.apply(&command)));
                 }
                 EntryPayload::Membership(membership) => {
@@ -180,6 +199,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     results.push(ApplyResult::Internal);
                 }
             }
+        }
+        if security_changed {
+            publish_certs(&state, &self.certs);
         }
         // Published before the lock is released so a snapshot never pairs this state with an
         // older applied index.
@@ -215,6 +237,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?
         .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
         let mut state = self.state.write().await;
+        publish_certs(&new_state, &self.certs);
         *state = new_state;
         self.applied.send_replace(Applied {
             last_applied: meta.last_log_id,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use kms_core::{ActivationOutcome, ActivationRequest};
 use kms_raft::cluster::NodeRole;
-use kms_raft::{Cluster, ClusterConfig, KmsNode};
+use kms_raft::{Cluster, ClusterConfig, ClusterError, KmsNode};
 
 use kms_store::SledStorage;
 use uuid::Uuid;
@@ -128,8 +128,19 @@ async fn three_nodes_count_as_one_host() {
         .add_member(2, n2.cluster.advertised().clone())
         .await
         .unwrap();
-    // Any member may be asked: node 2 forwards the join to the leader.
-    n2.cluster
+    // Membership changes are made on the leader only: a follower names the leader (it never
+    // relays them to it).
+    match n2
+        .cluster
+        .add_member(3, n3.cluster.advertised().clone())
+        .await
+    {
+        Err(ClusterError::NotLeader {
+            leader: Some((1, _)),
+        }) => {}
+        other => panic!("a follower accepted a membership change: {other:?}"),
+    }
+    n1.cluster
         .add_member(3, n3.cluster.advertised().clone())
         .await
         .unwrap();

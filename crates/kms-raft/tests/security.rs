@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use kms_raft::network::TlsFiles;
 use kms_raft::proto::raft_client::RaftClient;
 use kms_raft::proto::RaftPayload;
+use kms_raft::tls::Security;
 use kms_raft::{Cluster, ClusterConfig, KmsNode};
 use kms_store::MemoryStorage;
 use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
@@ -57,7 +58,7 @@ async fn start(id: u64, bootstrap: bool, tls: Option<TlsFiles>) -> Cluster {
         },
     );
     config.bootstrap = bootstrap;
-    config.tls = tls;
+    config.security = tls.map(Security::Operator).unwrap_or(Security::Insecure);
     Cluster::start(config, Arc::new(MemoryStorage::default()))
         .await
         .unwrap()
@@ -132,14 +133,28 @@ async fn peers_of_another_cluster_are_refused() {
     );
     let err = client.vote(request).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
-    // The same call with our own cluster id is answered (the vote itself is a valid RPC).
+    assert!(
+        !err.message().contains(&ours.to_string()),
+        "refusal names the cluster id"
+    );
+    // Without the header: refused as well.
+    let request = tonic::Request::new(RaftPayload {
+        payload: vote.clone(),
+    });
+    let err = client.vote(request).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    // With our own cluster id, the vote of a node that is not a member (a huge term) is
+    // refused too, and the term does not move.
+    let term = n1.view().term;
     let mut request = tonic::Request::new(RaftPayload { payload: vote });
     request.metadata_mut().insert(
         kms_raft::network::CLUSTER_ID_HEADER,
         ours.to_string().parse().unwrap(),
     );
-    assert!(client.vote(request).await.is_ok());
-    // The node still leads its own cluster.
+    let err = client.vote(request).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    // The node still leads its own cluster, in the same term.
     assert_eq!(n1.view().leader_id, Some(1));
+    assert_eq!(n1.view().term, term);
     n1.shutdown().await;
 }

@@ -108,6 +108,9 @@ impl AdminClient {
             });
         }
         let mut builder = reqwest::Client::builder()
+            // A follower answers writes with 307 to the leader's admin API; followed by hand
+            // in `raw` so the token goes along (never from https down to http).
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)));
         if let Some(pem) = ca_pem {
@@ -149,18 +152,39 @@ impl AdminClient {
         path_and_query: &str,
         body: Option<&Value>,
     ) -> Result<RawResponse, AdminError> {
-        let url = format!("{}{path_and_query}", self.base);
-        let mut request = self.http.request(method, &url);
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let response = request.send().await.map_err(|e| AdminError::Unreachable {
-            url: url.clone(),
-            message: error_chain(&e),
-        })?;
+        let mut url = format!("{}{path_and_query}", self.base);
+        let mut redirects = 0;
+        let response = loop {
+            let mut request = self.http.request(method.clone(), &url);
+            if let Some(token) = &self.token {
+                request = request.bearer_auth(token);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response = request.send().await.map_err(|e| AdminError::Unreachable {
+                url: url.clone(),
+                message: error_chain(&e),
+            })?;
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            match (response.status().as_u16(), location) {
+                (307 | 308, Some(next)) if redirects < 3 => {
+                    if url.starts_with("https://") && !next.starts_with("https://") {
+                        return Err(AdminError::Url {
+                            url: next,
+                            message: "refusing a redirect from https to http".into(),
+                        });
+                    }
+                    redirects += 1;
+                    url = next;
+                }
+                _ => break response,
+            }
+        };
         let status = response.status().as_u16();
         let content_type = response
             .headers()

@@ -79,6 +79,68 @@ pub enum ClusterCmd {
         #[arg(long)]
         ignore_missing: bool,
     },
+    /// Join tokens of the built-in cluster PKI: `create`, `list`, `revoke ID`.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create a join token; give it to the new node as `kmsd --join-token` (shown once).
+    Create {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// How long it stays valid: 30m, 24h, 7d, or 0 for never (default 24h).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// How many nodes may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Free text shown by `token list`.
+        #[arg(long)]
+        description: Option<String>,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the tokens (their secrets are never shown again).
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id.
+    Revoke {
+        #[command(flatten)]
+        admin: AdminArgs,
+        id: String,
+    },
+}
+
+/// `30m`, `24h`, `7d`, `90s` or plain seconds, as seconds.
+pub fn parse_ttl(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("--ttl {text:?}: expected a number with s, m, h or d"))?;
+    let factor = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => {
+            return Err(format!(
+                "--ttl {text:?}: unknown unit {other:?} (s, m, h, d)"
+            ))
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("--ttl {text:?} is too long"))
 }
 
 #[derive(Args, Debug)]
@@ -476,6 +538,88 @@ pub async fn cluster(cmd: ClusterCmd) -> u8 {
                     }
                     Err(e) => return Err(e),
                 }
+                Ok(())
+            })
+            .await
+        }
+        ClusterCmd::Token(cmd) => token(cmd).await,
+    }
+}
+
+async fn token(cmd: TokenCmd) -> u8 {
+    match cmd {
+        TokenCmd::Create {
+            admin,
+            ttl,
+            uses,
+            description,
+            json,
+        } => {
+            let ttl_secs = match parse_ttl(&ttl) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("kmsctl: {e}");
+                    return 2;
+                }
+            };
+            run(&admin, |c| async move {
+                let body = serde_json::json!({
+                    "ttl_secs": ttl_secs,
+                    "uses": uses,
+                    "description": description,
+                });
+                let created: Value = c
+                    .send(Method::POST, "/api/v1/cluster/tokens", &body)
+                    .await?;
+                if json {
+                    print_json(&created);
+                } else {
+                    outln!("{}", created["token"].as_str().unwrap_or_default());
+                    eprintln!(
+                        "token {} for {} node(s), expires {}; start the new node with \
+                         --join <raft address of a member> --join-token <the token above>",
+                        created["id"].as_str().unwrap_or_default(),
+                        created["uses_left"],
+                        created["expires"].as_str().unwrap_or("never"),
+                    );
+                }
+                Ok(())
+            })
+            .await
+        }
+        TokenCmd::List { admin, json } => {
+            run(&admin, |c| async move {
+                let tokens: Vec<kms_admin::JoinTokenView> = c.get("/api/v1/cluster/tokens").await?;
+                if json {
+                    print_json(&tokens);
+                    return Ok(());
+                }
+                let rows: Vec<Vec<String>> = tokens
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.id.clone(),
+                            t.uses_left.to_string(),
+                            t.expires.clone().unwrap_or_else(|| "never".into()),
+                            if t.expired { "expired" } else { "valid" }.to_owned(),
+                            t.description.clone(),
+                        ]
+                    })
+                    .collect();
+                table(&["id", "uses", "expires", "state", "description"], &rows);
+                Ok(())
+            })
+            .await
+        }
+        TokenCmd::Revoke { admin, id } => {
+            run(&admin, |c| async move {
+                c.call(
+                    Method::DELETE,
+                    &format!("/api/v1/cluster/tokens/{id}"),
+                    None,
+                )
+                .await?;
+                outln!("token {id} revoked");
                 Ok(())
             })
             .await

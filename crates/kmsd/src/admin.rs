@@ -14,12 +14,14 @@ pub use crate::admin_backend::{Addresses, DnsHandle, NodeBackend};
 
 /// Everything served on `--admin-listen`: `/api/v1/*` (token-protected when a token is
 /// set, failed token checks rate-limited per source address), `/healthz`, `/readyz`,
-/// `/metrics` and the dashboard at `/`.
+/// `/metrics` and the dashboard at `/`. `tls`: the listener speaks HTTPS (redirects to the
+/// leader then use `https`).
 pub fn router(
     backend: Arc<NodeBackend>,
     token: Option<String>,
     auth_failures: u32,
     auth_window: Duration,
+    tls: bool,
 ) -> Router {
     kms_admin::router(
         backend,
@@ -27,6 +29,7 @@ pub fn router(
             token,
             auth_failures,
             auth_window,
+            tls,
         },
     )
 }

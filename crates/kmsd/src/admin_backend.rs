@@ -1,14 +1,14 @@
 //! [`AdminBackend`] over this node's [`Engine`]: what the admin API, the dashboard and
-//! `/metrics` read and change. Membership calls go to the Raft cluster (any member accepts
-//! them and forwards to the leader).
+//! `/metrics` read and change. Writes (configuration, membership, join tokens) are made on the
+//! leader: a follower answers with a redirect to the leader's admin API.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use kms_admin::{
-    AdminBackend, BackendError, ClusterStatus, DnsStatus, EventLog, JoinRequest, JoinResponse,
-    MemberStatus, NodeStatus, Readiness, Role,
+    AdminBackend, BackendError, ClusterStatus, CreateTokenRequest, CreatedTokenView, DnsStatus,
+    EventLog, JoinRequest, JoinResponse, JoinTokenView, MemberStatus, NodeStatus, Readiness, Role,
 };
 use kms_core::{Command, CommandResult, State};
 use kms_raft::cluster::NodeRole;
@@ -16,6 +16,17 @@ use kms_raft::{ClusterError, KmsNode};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::engine::{wall_clock_ms, Engine, EngineError};
+
+fn token_view(t: &kms_core::security::JoinToken, now: u64) -> JoinTokenView {
+    JoinTokenView {
+        id: t.id.clone(),
+        description: t.description.clone(),
+        created: kms_admin::names::format_time_ms(t.created_ms),
+        expires: (t.expires_ms != 0).then(|| kms_admin::names::format_time_ms(t.expires_ms)),
+        uses_left: t.uses_left,
+        expired: t.is_expired(now),
+    }
+}
 
 /// Shared DNS publishing status: the publisher writes it, status and metrics read it.
 pub type DnsHandle = Arc<RwLock<DnsStatus>>;
@@ -98,6 +109,23 @@ impl NodeBackend {
             ClusterError::Storage(message) | ClusterError::Internal(message) => {
                 BackendError::Internal(message)
             }
+            ClusterError::NotLeader { leader } => match leader {
+                Some((_, node)) => BackendError::NotLeader {
+                    leader_admin: node.admin_addr,
+                },
+                None => BackendError::Unavailable {
+                    message: "this node is not the leader and no leader is known".into(),
+                    leader_admin: None,
+                },
+            },
+            ClusterError::Refused(message) => BackendError::Invalid {
+                field: "body".into(),
+                message,
+            },
+            ClusterError::Transport(e) => BackendError::Unavailable {
+                message: e.to_string(),
+                leader_admin: self.leader_admin(),
+            },
         }
     }
 
@@ -212,6 +240,17 @@ impl AdminBackend for NodeBackend {
     }
 
     async fn join(&self, request: JoinRequest) -> Result<JoinResponse, BackendError> {
+        if matches!(
+            self.engine.cluster().security(),
+            kms_raft::tls::Security::Pki(_)
+        ) {
+            return Err(BackendError::Invalid {
+                field: "body".into(),
+                message: "this cluster runs the built-in PKI: start the new node with \
+                          --join <member raft address> --join-token <token from `kmsctl cluster token create`>"
+                    .into(),
+            });
+        }
         self.engine
             .cluster()
             .add_member(
@@ -265,6 +304,51 @@ impl AdminBackend for NodeBackend {
 
     fn events(&self) -> Arc<EventLog> {
         self.events.clone()
+    }
+
+    async fn create_join_token(
+        &self,
+        request: CreateTokenRequest,
+    ) -> Result<CreatedTokenView, BackendError> {
+        let ttl = match request.ttl_secs.unwrap_or(86_400) {
+            0 => None,
+            secs => Some(std::time::Duration::from_secs(secs)),
+        };
+        let created = self
+            .engine
+            .cluster()
+            .create_join_token(
+                ttl,
+                request.uses.unwrap_or(1),
+                request.description.unwrap_or_default(),
+            )
+            .await
+            .map_err(|e| self.map_cluster_error(e))?;
+        Ok(CreatedTokenView {
+            token: created.token,
+            record: token_view(&created.record, wall_clock_ms()),
+        })
+    }
+
+    async fn join_tokens(&self) -> Result<Vec<JoinTokenView>, BackendError> {
+        let now = wall_clock_ms();
+        Ok(self
+            .engine
+            .cluster()
+            .join_tokens()
+            .await
+            .iter()
+            .map(|t| token_view(t, now))
+            .collect())
+    }
+
+    async fn revoke_join_token(&self, id: &str) -> Result<(), BackendError> {
+        match self.engine.cluster().revoke_join_token(id).await {
+            Err(ClusterError::Refused(_)) => {
+                Err(BackendError::NotFound(format!("join token {id}")))
+            }
+            other => other.map_err(|e| self.map_cluster_error(e)),
+        }
     }
 
     fn dns(&self) -> DnsStatus {

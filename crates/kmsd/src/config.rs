@@ -155,6 +155,31 @@ pub struct Cli {
     )]
     pub raft_tls_server_name: Option<String>,
 
+    /// Plain TCP between nodes, without authentication: only on a loopback Raft listener (tests,
+    /// several nodes on one host); logged loudly [raft.insecure_transport] (default false).
+    #[arg(global = true, long, env = "KMSD_INSECURE_RAFT_TRANSPORT", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_raft_transport: Option<bool>,
+
+    /// Join token from `kmsctl cluster token create` on a member (built-in cluster PKI); the
+    /// environment variable keeps it out of the process list [raft.join_token].
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_JOIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub join_token: Option<String>,
+
+    /// Largest snapshot accepted from a leader, in MiB [raft.max_snapshot_mb] (default 4096).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_RAFT_MAX_SNAPSHOT_MB",
+        value_name = "MIB"
+    )]
+    pub raft_max_snapshot_mb: Option<u64>,
+
     /// Milliseconds a client waits for a commit before the node answers from its last
     /// committed state (no quorum) [raft.answer_deadline_ms] (default 2500).
     #[arg(
@@ -198,12 +223,14 @@ pub struct Cli {
     #[arg(global = true, long, env = "KMSD_ADVERTISE_PORT", value_name = "PORT")]
     pub advertise_port: Option<u16>,
 
-    /// Admin URL of a cluster member to join, repeatable [raft.join] (cluster mode).
+    /// A cluster member to join, repeatable [raft.join]: its Raft address (host:port) with the
+    /// built-in cluster PKI (and --join-token), its admin URL with --raft-tls-* or
+    /// --insecure-raft-transport.
     #[arg(
         global = true,
         long,
         env = "KMSD_JOIN",
-        value_name = "URL",
+        value_name = "ADDR",
         value_delimiter = ','
     )]
     pub join: Vec<String>,
@@ -519,6 +546,9 @@ pub struct RaftSection {
     pub election_timeout_min_ms: Option<u64>,
     pub election_timeout_max_ms: Option<u64>,
     pub tls: Option<TlsSection>,
+    pub insecure_transport: Option<bool>,
+    pub join_token: Option<String>,
+    pub max_snapshot_mb: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -584,7 +614,11 @@ pub struct Config {
     pub admin_auth_window: std::time::Duration,
     /// Extra listener serving only `/healthz`, `/readyz` and `/metrics`.
     pub metrics_listen: Option<SocketAddr>,
-    pub raft_tls: Option<kms_raft::network::TlsFiles>,
+    /// How the node-to-node transport is secured.
+    pub raft_security: RaftSecurity,
+    /// Join token for the built-in cluster PKI.
+    pub join_token: Option<kms_raft::pki::JoinTokenString>,
+    pub raft_max_snapshot_bytes: u64,
     pub answer_deadline: std::time::Duration,
     /// Leader heartbeat interval, in milliseconds.
     pub raft_heartbeat_ms: u64,
@@ -685,6 +719,34 @@ fn read_token_file(path: &Path) -> Result<String, ConfigError> {
     Ok(token.to_owned())
 }
 
+/// How the node-to-node transport is secured (one source: flags, file, default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RaftSecurity {
+    /// The built-in cluster PKI (default): certificates from the cluster CA, join tokens.
+    ClusterPki,
+    /// The operator's own PKI (`--raft-tls-*`).
+    OperatorPki(kms_raft::network::TlsFiles),
+    /// Plain TCP (`--insecure-raft-transport`), loopback only.
+    Insecure,
+}
+
+impl RaftSecurity {
+    /// One line for `check-config` and the start-up log.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            RaftSecurity::ClusterPki => {
+                "cluster-pki (mutual TLS with certificates of the built-in cluster CA; nodes join with tokens)"
+            }
+            RaftSecurity::OperatorPki(_) => {
+                "operator-pki (mutual TLS with the certificates of --raft-tls-*)"
+            }
+            RaftSecurity::Insecure => {
+                "INSECURE (plain TCP between nodes, no authentication; loopback only)"
+            }
+        }
+    }
+}
+
 /// A configuration problem, naming the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -778,6 +840,58 @@ impl Config {
                 ))
             }
         };
+        let insecure = cli
+            .insecure_raft_transport
+            .or(file.raft.insecure_transport)
+            .unwrap_or(false);
+        let join_token = cli.join_token.clone().or(file.raft.join_token.clone());
+        let raft_security = match (raft_tls, insecure) {
+            (Some(_), true) => {
+                return Err(invalid(
+                    "raft.insecure_transport",
+                    "--insecure-raft-transport and --raft-tls-* exclude each other",
+                ))
+            }
+            (Some(files), false) => RaftSecurity::OperatorPki(files),
+            (None, true) => {
+                if !raft_listen.ip().is_loopback() {
+                    return Err(invalid(
+                        "raft.insecure_transport",
+                        format!(
+                            "plain TCP between nodes is refused on the non-loopback Raft listener {raft_listen}: \
+                             anyone who reaches it could rewrite the cluster's state; drop the flag \
+                             (the built-in cluster PKI is the default) or use --raft-tls-*"
+                        ),
+                    ));
+                }
+                RaftSecurity::Insecure
+            }
+            (None, false) => RaftSecurity::ClusterPki,
+        };
+        let join_token = match (&raft_security, join_token) {
+            (_, None) => None,
+            (RaftSecurity::ClusterPki, Some(t)) => Some(
+                kms_raft::pki::JoinTokenString::parse(&t)
+                    .map_err(|e| invalid("raft.join_token", e.to_string()))?,
+            ),
+            (_, Some(_)) => {
+                return Err(invalid(
+                    "raft.join_token",
+                    "join tokens belong to the built-in cluster PKI; with --raft-tls-* or \
+                     --insecure-raft-transport nodes join through the admin API",
+                ))
+            }
+        };
+        let max_snapshot_mb = cli
+            .raft_max_snapshot_mb
+            .or(file.raft.max_snapshot_mb)
+            .unwrap_or(4096);
+        if !(16..=1_048_576).contains(&max_snapshot_mb) {
+            return Err(invalid(
+                "raft.max_snapshot_mb",
+                format!("{max_snapshot_mb} is outside 16..=1048576"),
+            ));
+        }
         let answer_ms = cli
             .answer_deadline_ms
             .or(file.raft.answer_deadline_ms)
@@ -1046,6 +1160,25 @@ impl Config {
         if snapshot_every == 0 {
             return Err(invalid("storage.snapshot_every", "must be >= 1"));
         }
+        let join = if cli.join.is_empty() {
+            file.raft.join.clone().unwrap_or_default()
+        } else {
+            cli.join.clone()
+        };
+        if matches!(raft_security, RaftSecurity::ClusterPki) {
+            if let Some(url) = join
+                .iter()
+                .find(|j| j.starts_with("http://") || j.starts_with("https://"))
+            {
+                return Err(invalid(
+                    "raft.join",
+                    format!(
+                        "{url} is an admin URL; with the built-in cluster PKI --join names a \
+                         member's Raft address (host:7688) and goes with --join-token"
+                    ),
+                ));
+            }
+        }
         let group_commit_max = cli
             .group_commit_max
             .or(file.storage.group_commit_max)
@@ -1071,17 +1204,15 @@ impl Config {
             admin_auth_failures,
             admin_auth_window: std::time::Duration::from_secs(auth_window),
             metrics_listen,
-            raft_tls,
+            raft_security,
+            join_token,
+            raft_max_snapshot_bytes: max_snapshot_mb * 1024 * 1024,
             answer_deadline: std::time::Duration::from_millis(answer_ms),
             raft_heartbeat_ms: heartbeat_ms,
             raft_election_timeout_ms: (election_min, election_max),
             advertise,
             dns: file.dns,
-            join: if cli.join.is_empty() {
-                file.raft.join.unwrap_or_default()
-            } else {
-                cli.join
-            },
+            join,
             max_connections,
             idle_timeout: std::time::Duration::from_secs(idle),
             max_pdu_size,

@@ -39,8 +39,9 @@ impl Engine {
     pub async fn start(
         config: ClusterConfig,
         storage: Arc<dyn Storage>,
+        bootstrap_ca: Option<kms_core::security::ClusterCa>,
     ) -> Result<Self, EngineError> {
-        let cluster = Cluster::start(config, storage).await?;
+        let cluster = Cluster::start_with_ca(config, storage, bootstrap_ca).await?;
         Ok(Self {
             state: cluster.state(),
             cluster,

@@ -1,11 +1,16 @@
-//! Joining an existing cluster: ask a member's admin API to add this node.
+//! Joining an existing cluster. With the built-in cluster PKI an enrolled node asks the
+//! leader over the Raft transport (its certificate names it); with an operator PKI or the
+//! loopback-only insecure transport it asks a member's admin API (the admin token authorises
+//! it, and a follower redirects to the leader's admin API).
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
 
-use crate::config::Config;
+use kms_raft::error::TransportError;
+
+use crate::config::{Config, RaftSecurity};
 use crate::engine::Engine;
 
 /// Gives up joining after this long without success.
@@ -28,7 +33,13 @@ pub async fn join_cluster(engine: &Engine, config: &Config) -> anyhow::Result<()
         tracing::info!("data dir already belongs to a cluster; rejoining without --join");
         return Ok(());
     }
+    if matches!(config.raft_security, RaftSecurity::ClusterPki) {
+        return join_with_certificate(engine, config).await;
+    }
     let client = reqwest::Client::builder()
+        // A follower answers 307 with the leader's admin URL; followed by hand below so the
+        // token goes with it.
+        .redirect(reqwest::redirect::Policy::none())
         // Catch-up of a large state happens inside the call.
         .timeout(Duration::from_secs(330))
         .connect_timeout(Duration::from_secs(3))
@@ -51,12 +62,37 @@ pub async fn join_cluster(engine: &Engine, config: &Config) -> anyhow::Result<()
     }
     loop {
         for url in &urls {
-            let endpoint = format!("{}/api/v1/cluster/join", normalise(url));
-            let mut request = client.post(&endpoint).json(&body);
-            if let Some(token) = &config.admin_token {
-                request = request.bearer_auth(token);
+            let mut endpoint = format!("{}/api/v1/cluster/join", normalise(url));
+            let mut response = None;
+            for _ in 0..3 {
+                let mut request = client.post(&endpoint).json(&body);
+                if let Some(token) = &config.admin_token {
+                    request = request.bearer_auth(token);
+                }
+                let result = request.send().await;
+                let location = result
+                    .as_ref()
+                    .ok()
+                    .filter(|r| r.status().as_u16() == 307)
+                    .and_then(|r| {
+                        r.headers()
+                            .get(reqwest::header::LOCATION)
+                            .and_then(|l| l.to_str().ok())
+                            .map(str::to_owned)
+                    });
+                match location {
+                    Some(next) => {
+                        tracing::info!(via = %endpoint, leader = %next, "joining through the leader");
+                        endpoint = next;
+                    }
+                    None => {
+                        response = Some(result);
+                        break;
+                    }
+                }
             }
-            match request.send().await {
+            let Some(response) = response else { continue };
+            match response {
                 Ok(response) if response.status().is_success() => {
                     tracing::info!(via = %endpoint, "joined the cluster");
                     return wait_for_membership(engine).await;
@@ -83,6 +119,52 @@ pub async fn join_cluster(engine: &Engine, config: &Config) -> anyhow::Result<()
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Asks the leader (found through any member named by `--join`) to add this enrolled node.
+async fn join_with_certificate(engine: &Engine, config: &Config) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(300);
+    let own = &config.raft_advertise;
+    let mut targets: Vec<String> = config.join.iter().filter(|a| *a != own).cloned().collect();
+    if targets.is_empty() {
+        anyhow::bail!("--join names only this node itself ({own})");
+    }
+    let node = engine.cluster().advertised().clone();
+    loop {
+        let mut next = Vec::new();
+        for addr in &targets {
+            match engine
+                .cluster()
+                .transport()
+                .join(addr, &node, Duration::from_secs(330))
+                .await
+            {
+                Ok(leader) => {
+                    tracing::info!(via = %addr, leader, "joined the cluster");
+                    return wait_for_membership(engine).await;
+                }
+                Err(TransportError::Redirect(leader)) if !leader.is_empty() => next.push(leader),
+                Err(TransportError::Refused(m)) => anyhow::bail!("join refused: {m}"),
+                Err(e) => {
+                    tracing::warn!(via = %addr, error = %e, "join not accepted yet; retrying")
+                }
+            }
+        }
+        if started.elapsed() > JOIN_DEADLINE {
+            anyhow::bail!(
+                "could not join any of {:?} within {JOIN_DEADLINE:?}",
+                config.join
+            );
+        }
+        if next.is_empty() {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+            targets = config.join.iter().filter(|a| *a != own).cloned().collect();
+        } else {
+            targets = next;
+        }
     }
 }
 

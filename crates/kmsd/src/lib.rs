@@ -12,4 +12,5 @@ pub mod join;
 pub mod kms_server;
 pub mod memory;
 pub mod node;
+pub mod pki;
 pub mod telemetry;

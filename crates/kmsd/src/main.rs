@@ -40,7 +40,7 @@ fn main() -> ExitCode {
                 format!("{:?}", config.allow_networks)
             };
             println!(
-                "configuration ok: node {} data {} kms {:?} clients {} admin {} (token {}) raft {} (heartbeat {} ms, election timeout {}-{} ms) join {:?} dns targets {}",
+                "configuration ok: node {} data {} kms {:?} clients {} admin {} (token {}) raft {} (heartbeat {} ms, election timeout {}-{} ms) join {:?} dns targets {}\nraft transport: {}",
                 config.node_id,
                 config.data_dir.display(),
                 config.kms_listen,
@@ -56,7 +56,8 @@ fn main() -> ExitCode {
                 config.raft_election_timeout_ms.0,
                 config.raft_election_timeout_ms.1,
                 config.join,
-                config.dns.publish.len()
+                config.dns.publish.len(),
+                config.raft_security.describe()
             );
             println!("{}", kmsd::config::edge_summary(&config));
             ExitCode::SUCCESS

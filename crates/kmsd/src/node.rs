@@ -48,6 +48,30 @@ fn release_free_memory() {
 /// How often expired registry entries and CMIDs are dropped.
 const EXPIRE_EVERY: Duration = Duration::from_secs(3600);
 
+/// Asks the leader for a new node certificate when the current one expires within
+/// [`kms_raft::pki::RENEW_BEFORE_DAYS`]; the node presents it from its next start.
+async fn renew_certificate_if_due(engine: &Engine, config: &Config) {
+    let kms_raft::tls::Security::Pki(current) = engine.cluster().security() else {
+        return;
+    };
+    let days = kms_raft::pki::days_left(&current.cert_der).unwrap_or(0);
+    if days > kms_raft::pki::RENEW_BEFORE_DAYS {
+        return;
+    }
+    match engine.cluster().rotate_certificate(current).await {
+        Ok(creds) => match creds.save(&crate::pki::pki_dir(&config.data_dir)) {
+            Ok(()) => tracing::info!(
+                days_left = days,
+                "node certificate renewed; presented from the next start"
+            ),
+            Err(e) => tracing::warn!(error = %e, "renewed node certificate not saved"),
+        },
+        Err(e) => {
+            tracing::warn!(days_left = days, error = %e, "node certificate not renewed; retried at the next start")
+        }
+    }
+}
+
 /// Runs the node until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -108,8 +132,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     cluster_config.answer_deadline = config.answer_deadline;
     cluster_config.heartbeat_ms = config.raft_heartbeat_ms;
     cluster_config.election_timeout_ms = config.raft_election_timeout_ms;
-    cluster_config.tls = config.raft_tls.clone();
-    let engine = Engine::start(cluster_config, storage)
+    cluster_config.max_snapshot_bytes = config.raft_max_snapshot_bytes;
+    tracing::info!(mode = config.raft_security.describe(), "raft transport");
+    let (security, bootstrap_ca) = crate::pki::prepare(&config).await?;
+    cluster_config.security = security;
+    let engine = Engine::start(cluster_config, storage, bootstrap_ca)
         .await
         .context("cannot start the replicated state")?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -149,6 +176,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.admin_token.clone(),
         config.admin_auth_failures,
         config.admin_auth_window,
+        config.admin_tls.is_some(),
     );
     let mut admin_shutdown = shutdown_rx.clone();
     let admin_stop = async move {
@@ -208,14 +236,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         build = identity.host_build,
         "host identity ready"
     );
-    if let Some(policy) = &config.policy {
-        if engine.state().read().await.policy() != policy {
-            match engine.propose(Command::SetPolicy(policy.clone())).await? {
-                kms_core::CommandResult::Policy(Ok(())) => {
-                    tracing::info!("policy from configuration applied")
-                }
-                other => anyhow::bail!("policy from configuration rejected: {other:?}"),
+    if matches!(
+        config.raft_security,
+        crate::config::RaftSecurity::ClusterPki
+    ) && engine.state().read().await.security().ca().is_some()
+    {
+        crate::pki::forget_ca_key(&config.data_dir);
+        renew_certificate_if_due(&engine, &config).await;
+    }
+    let differs = match &config.policy {
+        Some(policy) => engine.state().read().await.policy() != policy,
+        None => false,
+    };
+    if let (Some(policy), true) = (&config.policy, differs) {
+        match engine.propose(Command::SetPolicy(policy.clone())).await {
+            Ok(kms_core::CommandResult::Policy(Ok(()))) => {
+                tracing::info!("policy from configuration applied")
             }
+            Ok(other) => anyhow::bail!("policy from configuration rejected: {other:?}"),
+            // Only the leader writes configuration (it is never relayed between nodes).
+            Err(crate::engine::EngineError::Cluster(kms_raft::ClusterError::NotLeader {
+                leader,
+            })) => tracing::warn!(
+                leader = ?leader.map(|(id, _)| id),
+                "the policy in this node's configuration differs from the cluster's; only the \
+                 leader applies its configuration: change it with `kmsctl config` or on the leader"
+            ),
+            Err(e) => return Err(e.into()),
         }
     }
 
