@@ -18,6 +18,8 @@ async fn activate(node: &Node, t: &RequestTemplate, cmid: Uuid) -> kms_tests::Se
 async fn state_and_identity_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     survive_kill_9(dir.path(), &[]).await;
+    let log = std::fs::read_to_string(dir.path().join("kmsd.log")).unwrap();
+    assert!(!log.contains("deprecated"), "{log}");
 }
 
 /// The same guarantees with the sled engine; a dir written by one engine is refused by the
@@ -26,6 +28,15 @@ async fn state_and_identity_survive_kill_9() {
 async fn sled_engine_survives_kill_9_and_engines_are_not_mixed() {
     let dir = tempfile::tempdir().unwrap();
     survive_kill_9(dir.path(), &["--storage-engine", "sled"]).await;
+    // Deprecated: every start says so (docs/storage.md).
+    let log = std::fs::read_to_string(dir.path().join("kmsd.log")).unwrap();
+    let starts = log.matches("kmsd ready").count();
+    assert!(starts >= 2, "{log}");
+    assert_eq!(
+        log.matches("the sled storage engine is deprecated").count(),
+        starts,
+        "one warning per start: {log}"
+    );
     let inspect = |engine: Option<&str>| {
         let mut cmd = std::process::Command::new(kms_tests::binary("kmsd"));
         cmd.arg("--data-dir").arg(dir.path().join("data"));

@@ -488,3 +488,61 @@ async fn the_raft_port_refuses_every_attack_and_the_state_stays_as_it_was() {
     activate(&n2).await;
     let _ = Path::new("");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_secret_forms_a_cluster_and_a_wrong_one_is_refused() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let secret = dirs[0].path().join("cluster.secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef-deploy\n").unwrap();
+    let path = secret.to_str().unwrap();
+    let args = ["--cluster-secret-file", path];
+    // Every node gets the same file; no token is made by hand.
+    let n1 = Node::start_member(dirs[0].path(), 1, None, &args);
+    let n2 = Node::start_member(dirs[1].path(), 2, Some(&n1), &args);
+    let n3 = Node::start_member(dirs[2].path(), 3, Some(&n2), &args);
+    wait_until("3 voters", Duration::from_secs(30), || {
+        [&n1, &n2, &n3].iter().all(|n| voters(n) == 3)
+    });
+    assert!(activate(&n3).await >= 1);
+    // A node with another secret learns nothing: the members cannot prove the secret it
+    // holds, so it stops before sending it, and never becomes a member.
+    let wrong = dirs[3].path().join("wrong.secret");
+    std::fs::write(&wrong, "ffffffffffffffffffffffffffffffff-other").unwrap();
+    let mut n4 = Node::new(
+        dirs[3].path(),
+        &[
+            "--node-id",
+            "4",
+            "--join",
+            &n1.raft_addr.to_string(),
+            "--cluster-secret-file",
+            wrong.to_str().unwrap(),
+        ],
+    );
+    n4.spawn_no_wait();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while n4.is_running() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!n4.is_running(), "a node with a wrong secret kept trying");
+    assert!(
+        n4.log()
+            .contains("could not prove it knows the cluster secret"),
+        "{}",
+        n4.log()
+    );
+    assert_eq!(voters(&n1), 3);
+    // A short secret is a configuration error naming the key.
+    let short = dirs[3].path().join("short.secret");
+    std::fs::write(&short, "too-short").unwrap();
+    let out = std::process::Command::new(binary("kmsd"))
+        .args([
+            "check-config",
+            "--cluster-secret-file",
+            short.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("raft.cluster_secret_file"));
+}

@@ -19,6 +19,7 @@ step "system tools for the tests (BIND 9, Prometheus, Chromium; only when missin
 # In CI a failed install is fatal: the tests that need the tool would fail anyway.
 bash tests/dns/install.sh
 bash tests/ops/install.sh
+bash tests/fixtures/install.sh
 
 step "format"
 cargo fmt --all -- --check

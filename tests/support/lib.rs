@@ -84,9 +84,12 @@ impl Node {
             let admin_join = extra_args
                 .iter()
                 .any(|a| *a == "--insecure-raft-transport" || *a == "--raft-tls-cert");
+            let shared_secret = extra_args.contains(&"--cluster-secret-file");
             args.push("--join".into());
             if admin_join {
                 args.push(format!("http://{}", j.admin_addr));
+            } else if shared_secret {
+                args.push(j.raft_addr.to_string());
             } else {
                 args.push(j.raft_addr.to_string());
                 args.push("--join-token".into());
@@ -188,11 +191,22 @@ impl Node {
     /// redirect to the leader) and returns it.
     pub fn create_join_token(&self, uses: u32) -> String {
         let body = format!("{{\"ttl_secs\":600,\"uses\":{uses}}}");
+        let bearer = self
+            .extra_args
+            .iter()
+            .position(|a| a == "--admin-token")
+            .and_then(|i| self.extra_args.get(i + 1))
+            .cloned();
         let mut addr = self.admin_addr;
         for _ in 0..20 {
-            let (status, text, location) =
-                http_request_full(addr, "POST", "/api/v1/cluster/tokens", Some(&body))
-                    .expect("admin API reachable");
+            let (status, text, location) = http_request_bearer(
+                addr,
+                "POST",
+                "/api/v1/cluster/tokens",
+                Some(&body),
+                bearer.as_deref(),
+            )
+            .expect("admin API reachable");
             match status {
                 201 => {
                     let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
@@ -349,12 +363,26 @@ pub fn http_request_full(
     path: &str,
     json_body: Option<&str>,
 ) -> std::io::Result<(u16, String, Option<String>)> {
+    http_request_bearer(addr, method, path, json_body, None)
+}
+
+/// Like [`http_request_full`], with a bearer token.
+pub fn http_request_bearer(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json_body: Option<&str>,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String, Option<String>)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     let body = json_body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         stream,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut text = String::new();

@@ -130,6 +130,11 @@ impl CmidCache {
         self.entries.is_empty()
     }
 
+    /// The latest time any stored CMID was seen.
+    pub fn newest(&self) -> Option<UnixMillis> {
+        self.by_age.last().map(|(t, _)| *t)
+    }
+
     /// Last time `cmid` was seen, if it is stored.
     pub fn last_seen(&self, cmid: &Uuid) -> Option<UnixMillis> {
         self.entries.get(cmid).copied()
@@ -264,6 +269,11 @@ impl Counting {
     /// All lists, by id.
     pub fn lists(&self) -> impl Iterator<Item = (&Uuid, &CmidCache)> {
         self.lists.iter()
+    }
+
+    /// The latest time any stored CMID was seen, over all lists.
+    pub fn newest(&self) -> Option<UnixMillis> {
+        self.lists.values().filter_map(CmidCache::newest).max()
     }
 
     /// Live count of one list at `now` (0 for a list never seen).

@@ -79,6 +79,8 @@ pub enum SecurityCommand {
         ca: ClusterCa,
         node_id: u64,
         node_cert: Fingerprint,
+        /// The deployment's shared join secret (`--cluster-secret-file`), as a token.
+        deploy_token: Option<JoinToken>,
     },
     CreateToken(JoinToken),
     RevokeToken {
@@ -137,10 +139,14 @@ impl ClusterSecurity {
                 ca,
                 node_id,
                 node_cert,
+                deploy_token,
             } => {
                 if self.ca.is_none() {
                     self.ca = Some(ca.clone());
                     self.node_certs.insert(*node_id, vec![*node_cert]);
+                    if let Some(token) = deploy_token {
+                        self.tokens.insert(token.id.clone(), token.clone());
+                    }
                 }
                 Ok(())
             }
@@ -307,6 +313,7 @@ mod tests {
             ca: ca(),
             node_id: 1,
             node_cert: [1; 32],
+            deploy_token: Some(token("deploy", 9, 0, u32::MAX)),
         })
         .unwrap();
         s
@@ -323,6 +330,7 @@ mod tests {
             ca: other,
             node_id: 7,
             node_cert: [7; 32],
+            deploy_token: None,
         })
         .unwrap();
         assert_eq!(s.ca(), Some(&ca()));
@@ -357,7 +365,11 @@ mod tests {
         assert_eq!(s.node_of(&[3; 32]), None);
         s.apply(&SecurityCommand::RevokeToken { id: "b".into() })
             .unwrap();
-        assert_eq!(s.tokens().count(), 0);
+        // The deployment token stays until revoked.
+        assert_eq!(
+            s.tokens().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+            ["deploy"]
+        );
     }
 
     #[test]
@@ -375,7 +387,7 @@ mod tests {
         ] {
             assert!(s.apply(&SecurityCommand::CreateToken(bad)).is_err());
         }
-        assert_eq!(s.tokens().count(), 0);
+        assert_eq!(s.tokens().count(), 1, "only the deployment token");
     }
 
     #[test]

@@ -78,6 +78,27 @@ struct StateV2 {
     statistics: Statistics,
 }
 
+/// The latest proposer time carried by an applied command ([`Command::Activate`],
+/// [`Command::Expire`]): a lower bound of the cluster's time, for the clock that stamps the
+/// next commands. Not serialized (the snapshot format is unchanged): [`State::from_snapshot`]
+/// derives it from the newest CMID and client times, which can only be earlier than the true
+/// value (an `Expire` may have carried a later time), so it stays a lower bound. Ignored by
+/// `==`: it is a hint, not part of what the state decides.
+#[derive(Clone, Copy, Debug, Default)]
+struct ReplicatedTime(Option<UnixMillis>);
+
+impl PartialEq for ReplicatedTime {
+    fn eq(&self, _other: &Self) -> bool {
+        true
+    }
+}
+
+impl ReplicatedTime {
+    fn observe(&mut self, time: UnixMillis) {
+        self.0 = Some(self.0.map_or(time, |t| t.max(time)));
+    }
+}
+
 /// The whole replicated state. Serializable as a snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -87,6 +108,8 @@ pub struct State {
     registry: Registry,
     statistics: Statistics,
     security: ClusterSecurity,
+    #[serde(skip)]
+    replicated_time: ReplicatedTime,
 }
 
 fn refuse(hresult: u32, reason: impl Into<String>) -> ActivationOutcome {
@@ -111,9 +134,12 @@ impl State {
                 self.identity = Some(identity.clone());
                 CommandResult::Identity { created: true }
             }
-            Command::Activate { now, requests } => CommandResult::Activations(
-                requests.iter().map(|r| self.activate(*now, r)).collect(),
-            ),
+            Command::Activate { now, requests } => {
+                self.replicated_time.observe(*now);
+                CommandResult::Activations(
+                    requests.iter().map(|r| self.activate(*now, r)).collect(),
+                )
+            }
             Command::SetPolicy(policy) => match policy.validate() {
                 Ok(()) => {
                     self.policy = policy.clone();
@@ -122,6 +148,7 @@ impl State {
                 Err(e) => CommandResult::Policy(Err(e.to_string())),
             },
             Command::Expire { now } => {
+                self.replicated_time.observe(*now);
                 let retention_ms =
                     u64::from(self.policy.registry_retention_days).saturating_mul(DAY_MS);
                 let clients = self.registry.expire(*now, retention_ms);
@@ -370,6 +397,18 @@ impl State {
         self.registry.len()
     }
 
+    /// The latest time carried by an applied timestamped command (see [`ReplicatedTime`]);
+    /// `None` before the first one. O(1).
+    pub fn last_replicated_time(&self) -> Option<UnixMillis> {
+        self.replicated_time.0
+    }
+
+    /// The newest CMID or client time in the state (one pass over the registry).
+    fn derive_replicated_time(&self) -> Option<UnixMillis> {
+        let clients = self.registry.iter().map(|c| c.last_seen()).max();
+        self.counting.newest().max(clients)
+    }
+
     /// Serializes the state (header + postcard). Deterministic: equal states give equal bytes.
     pub fn try_to_snapshot(&self) -> Result<Vec<u8>, postcard::Error> {
         let mut out = Vec::with_capacity(SNAPSHOT_MAGIC.len() + 1);
@@ -411,6 +450,7 @@ impl State {
                     registry: v2.registry,
                     statistics: v2.statistics,
                     security: ClusterSecurity::default(),
+                    replicated_time: ReplicatedTime::default(),
                 };
                 (state, rest)
             }
@@ -423,6 +463,7 @@ impl State {
                     registry: Registry::try_from(v1.registry).map_err(SnapshotError::Invalid)?,
                     statistics: v1.statistics,
                     security: ClusterSecurity::default(),
+                    replicated_time: ReplicatedTime::default(),
                 };
                 (state, rest)
             }
@@ -431,6 +472,8 @@ impl State {
         if !rest.is_empty() {
             return Err(SnapshotError::TrailingBytes(rest.len()));
         }
+        let mut state = state;
+        state.replicated_time = ReplicatedTime(state.derive_replicated_time());
         Ok(state)
     }
 }

@@ -53,6 +53,13 @@ pub trait PeerHandler: Send + Sync + 'static {
         node_id: NodeId,
         node: KmsNode,
     ) -> impl std::future::Future<Output = Result<NodeId, ClusterError>> + Send;
+    /// Proves knowledge of a token's secret (see [`crate::pki::token_proof`]); returns the
+    /// proof and the CA certificate.
+    fn prove(
+        &self,
+        token_id: &str,
+        challenge: &[u8],
+    ) -> impl std::future::Future<Output = Result<(Vec<u8>, Vec<u8>), ClusterError>> + Send;
 }
 
 /// In-order, size-capped snapshot streams: a chunk must continue the stream it belongs to
@@ -256,8 +263,26 @@ impl<H: PeerHandler> RaftRpc for RaftService<H> {
             None
         };
         let message = request.into_inner();
-        if message.csr.len() > 16 * 1024 || message.token_id.len() > 64 {
+        if message.csr.len() > 16 * 1024
+            || message.token_id.len() > 64
+            || message.challenge.len() > 64
+        {
             return Err(Status::invalid_argument("enrollment request too large"));
+        }
+        if !message.challenge.is_empty() {
+            if message.challenge.len() < 16 {
+                return Err(Status::invalid_argument("challenge shorter than 16 bytes"));
+            }
+            let (proof, ca) = self
+                .handler()?
+                .prove(&message.token_id, &message.challenge)
+                .await
+                .map_err(status)?;
+            return Ok(Response::new(EnrollResponse {
+                certificate: Vec::new(),
+                ca_certificate: ca,
+                proof,
+            }));
         }
         let enrollment = Enrollment {
             token_id: message.token_id,
@@ -273,6 +298,7 @@ impl<H: PeerHandler> RaftRpc for RaftService<H> {
                 Ok(Response::new(EnrollResponse {
                     certificate: enrolled.cert_der,
                     ca_certificate: enrolled.ca_der,
+                    proof: Vec::new(),
                 }))
             }
             Err(e) => {

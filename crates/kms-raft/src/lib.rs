@@ -15,6 +15,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod auth;
+pub mod clock;
 pub mod cluster;
 pub mod error;
 pub mod forward;

@@ -131,6 +131,7 @@ impl Transport {
             token_secret: enrollment.token_secret,
             node_id: enrollment.node_id,
             csr: enrollment.csr_der,
+            challenge: Vec::new(),
         };
         let response =
             tokio::time::timeout(timeout, client.enroll(self.request(request, Some(timeout))))
@@ -146,6 +147,41 @@ impl Transport {
         })
     }
 
+    /// Asks the member at `raft_addr`, verified against the candidate CA `ca_der`, to prove it
+    /// knows the secret of token `token_id`: returns the proof and the CA it answered with.
+    pub async fn challenge(
+        &self,
+        raft_addr: &str,
+        ca_der: &[u8],
+        token_id: &str,
+        challenge: &[u8],
+        timeout: Duration,
+    ) -> Result<(Vec<u8>, Vec<u8>), TransportError> {
+        let endpoint = Endpoint::from_shared(format!("https://{raft_addr}"))
+            .map_err(|e| TransportError::Address(format!("{raft_addr}: {e}")))?
+            .connect_timeout(self.connect_timeout)
+            .tls_config(Tls::enrollment_client(ca_der))
+            .map_err(|e| TransportError::Tls(format!("{raft_addr}: {e}")))?;
+        let channel = tokio::time::timeout(timeout, endpoint.connect())
+            .await
+            .map_err(|_| TransportError::Unreachable(format!("{raft_addr}: connect timed out")))?
+            .map_err(|e| TransportError::Unreachable(format!("{raft_addr}: {e}")))?;
+        let request = EnrollRequest {
+            token_id: token_id.to_owned(),
+            challenge: challenge.to_vec(),
+            ..Default::default()
+        };
+        let response = tokio::time::timeout(
+            timeout,
+            RaftClient::new(channel).enroll(self.request(request, Some(timeout))),
+        )
+        .await
+        .map_err(|_| TransportError::Unreachable(format!("challenge at {raft_addr} timed out")))?
+        .map_err(|s| status_error(raft_addr, s))?
+        .into_inner();
+        Ok((response.proof, response.ca_certificate))
+    }
+
     /// Asks the leader for a new certificate of this node, presenting the current one.
     pub async fn rotate(
         &self,
@@ -159,6 +195,7 @@ impl Transport {
             token_secret: String::new(),
             node_id: enrollment.node_id,
             csr: enrollment.csr_der,
+            challenge: Vec::new(),
         };
         let response =
             tokio::time::timeout(timeout, client.enroll(self.request(request, Some(timeout))))

@@ -40,6 +40,28 @@ pub enum PkiError {
     Token(String),
 }
 
+/// Id of the token made from a deployment's shared secret (`--cluster-secret-file`).
+pub const DEPLOY_TOKEN_ID: &str = "deploy";
+/// Shortest accepted shared deployment secret.
+pub const MIN_DEPLOY_SECRET: usize = 32;
+
+/// A member's proof that it knows a token's secret: HMAC-SHA256 keyed with the secret's
+/// SHA-256 (what the state stores) over the joiner's challenge and the CA fingerprint, so
+/// a joiner holding only the secret can check the cluster before trusting its CA.
+pub fn token_proof(
+    secret_sha256: &Fingerprint,
+    challenge: &[u8],
+    ca_fp: &Fingerprint,
+) -> Fingerprint {
+    use hmac::{Hmac, Mac};
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret_sha256) else {
+        return [0; 32];
+    };
+    mac.update(challenge);
+    mac.update(ca_fp);
+    mac.finalize().into_bytes().into()
+}
+
 /// SHA-256 of a DER blob.
 pub fn fingerprint(der: &[u8]) -> Fingerprint {
     Sha256::digest(der).into()

@@ -187,6 +187,21 @@ pub async fn fetch_pinned_ca(
     pin: &Fingerprint,
     timeout: Duration,
 ) -> Result<Vec<u8>, TransportError> {
+    fetch_chain(addr, timeout)
+        .await?
+        .into_iter()
+        .find(|der| &fingerprint(der) == pin)
+        .ok_or_else(|| {
+            TransportError::Refused(format!(
+                "{addr} did not present the cluster CA named by the join token (wrong cluster, \
+                 or someone in between); nothing was sent"
+            ))
+        })
+}
+
+/// The certificate chain the member at `addr` presents (leaf first), after a TLS handshake
+/// that sends nothing else. Judged by the caller (a pinned fingerprint, or a proof).
+pub async fn fetch_chain(addr: &str, timeout: Duration) -> Result<Vec<Vec<u8>>, TransportError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(CaptureChain {
         seen: Mutex::new(Vec::new()),
@@ -214,17 +229,9 @@ pub async fn fetch_pinned_ca(
         Ok(Err(e)) => return Err(TransportError::Unreachable(format!("{addr}: {e}"))),
         Ok(Ok(_stream)) => {}
     }
-    let seen = verifier
+    verifier
         .seen
         .lock()
         .map(|s| s.clone())
-        .map_err(|_| TransportError::Tls("certificate capture lock".into()))?;
-    seen.into_iter()
-        .find(|der| &fingerprint(der) == pin)
-        .ok_or_else(|| {
-            TransportError::Refused(format!(
-                "{addr} did not present the cluster CA named by the join token (wrong cluster, \
-                 or someone in between); nothing was sent"
-            ))
-        })
+        .map_err(|_| TransportError::Tls("certificate capture lock".into()))
 }

@@ -171,6 +171,17 @@ pub struct Cli {
     )]
     pub join_token: Option<String>,
 
+    /// File with a secret shared by every node of a deployment (32+ characters; e.g. a
+    /// Kubernetes Secret): nodes join with it and no per-node token; the bootstrapping node
+    /// registers it as the `deploy` join token [raft.cluster_secret_file].
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_CLUSTER_SECRET_FILE",
+        value_name = "FILE"
+    )]
+    pub cluster_secret_file: Option<PathBuf>,
+
     /// Largest snapshot accepted from a leader, in MiB [raft.max_snapshot_mb] (default 4096).
     #[arg(
         global = true,
@@ -326,7 +337,7 @@ pub struct Cli {
     #[arg(global = true, long, env = "KMSD_BTFN", value_name = "BOOL")]
     pub btfn: Option<bool>,
 
-    /// Storage engine of the Raft log: file (a plain write-ahead log) or sled [storage.engine] (default file).
+    /// Storage engine of the Raft log: file (a plain write-ahead log) or sled (deprecated) [storage.engine] (default file).
     #[arg(
         global = true,
         long,
@@ -459,7 +470,8 @@ pub enum StorageEngine {
     /// smaller than sled: docs/benchmarks.md).
     #[default]
     File,
-    /// The sled embedded database.
+    /// The sled embedded database. Deprecated (a warning at every start): its flush does not
+    /// reach the disk's write cache (docs/storage.md).
     Sled,
 }
 
@@ -548,6 +560,7 @@ pub struct RaftSection {
     pub tls: Option<TlsSection>,
     pub insecure_transport: Option<bool>,
     pub join_token: Option<String>,
+    pub cluster_secret_file: Option<PathBuf>,
     pub max_snapshot_mb: Option<u64>,
 }
 
@@ -618,6 +631,8 @@ pub struct Config {
     pub raft_security: RaftSecurity,
     /// Join token for the built-in cluster PKI.
     pub join_token: Option<kms_raft::pki::JoinTokenString>,
+    /// The deployment's shared join secret (built-in cluster PKI).
+    pub cluster_secret: Option<String>,
     pub raft_max_snapshot_bytes: u64,
     pub answer_deadline: std::time::Duration,
     /// Leader heartbeat interval, in milliseconds.
@@ -880,6 +895,41 @@ impl Config {
                     "join tokens belong to the built-in cluster PKI; with --raft-tls-* or \
                      --insecure-raft-transport nodes join through the admin API",
                 ))
+            }
+        };
+        let cluster_secret = match cli
+            .cluster_secret_file
+            .clone()
+            .or(file.raft.cluster_secret_file.clone())
+        {
+            None => None,
+            Some(_) if !matches!(raft_security, RaftSecurity::ClusterPki) => {
+                return Err(invalid(
+                    "raft.cluster_secret_file",
+                    "a cluster secret belongs to the built-in cluster PKI",
+                ))
+            }
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    invalid(
+                        "raft.cluster_secret_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                let secret = text.trim().to_owned();
+                if secret.len() < kms_raft::pki::MIN_DEPLOY_SECRET {
+                    return Err(invalid(
+                        "raft.cluster_secret_file",
+                        format!(
+                            "{} holds {} characters; a cluster secret needs at least {} \
+                             (e.g. `openssl rand -hex 32`)",
+                            path.display(),
+                            secret.len(),
+                            kms_raft::pki::MIN_DEPLOY_SECRET
+                        ),
+                    ));
+                }
+                Some(secret)
             }
         };
         let max_snapshot_mb = cli
@@ -1206,6 +1256,7 @@ impl Config {
             metrics_listen,
             raft_security,
             join_token,
+            cluster_secret,
             raft_max_snapshot_bytes: max_snapshot_mb * 1024 * 1024,
             answer_deadline: std::time::Duration::from_millis(answer_ms),
             raft_heartbeat_ms: heartbeat_ms,

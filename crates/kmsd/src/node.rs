@@ -133,6 +133,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     cluster_config.heartbeat_ms = config.raft_heartbeat_ms;
     cluster_config.election_timeout_ms = config.raft_election_timeout_ms;
     cluster_config.max_snapshot_bytes = config.raft_max_snapshot_bytes;
+    cluster_config.deploy_secret_sha256 = config
+        .cluster_secret
+        .as_ref()
+        .map(|s| kms_raft::pki::fingerprint(s.as_bytes()));
     tracing::info!(mode = config.raft_security.describe(), "raft transport");
     let (security, bootstrap_ca) = crate::pki::prepare(&config).await?;
     cluster_config.security = security;
@@ -477,6 +481,13 @@ pub async fn healthcheck(url: &str, timeout_secs: u64) -> std::process::ExitCode
     }
 }
 
+/// Logged at every start on the sled engine (docs/storage.md says why).
+pub const SLED_DEPRECATED: &str = "the sled storage engine is deprecated and will be removed: \
+its flush is sync_file_range, which neither flushes the disk's write cache nor the file's \
+metadata, so an acknowledged write can be lost in a power failure; the default file engine \
+is also faster (docs/storage.md). Move with a new node: start an empty node with \
+--storage-engine file, let it join and catch up, then remove this one";
+
 /// Opens the state dir with `engine`, refusing a dir written by the other engine (its data
 /// would silently look empty).
 fn open_storage(engine: StorageEngine, dir: &Path) -> Result<Arc<dyn Storage>, String> {
@@ -497,7 +508,13 @@ fn open_storage(engine: StorageEngine, dir: &Path) -> Result<Arc<dyn Storage>, S
             }
             Arc::new(s) as Arc<dyn Storage>
         }),
-        StorageEngine::Sled => SledStorage::open(dir).map(|s| Arc::new(s) as Arc<dyn Storage>),
+        StorageEngine::Sled => {
+            tracing::warn!(
+                data_dir = %data_dir,
+                "{SLED_DEPRECATED}"
+            );
+            SledStorage::open(dir).map(|s| Arc::new(s) as Arc<dyn Storage>)
+        }
     };
     // The engines name the cause themselves (e.g. the dir is in use by another process).
     opened.map_err(|e| format!("cannot open the state in {data_dir}: {e}"))

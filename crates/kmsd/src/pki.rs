@@ -79,10 +79,14 @@ async fn cluster_pki(config: &Config) -> anyhow::Result<(Security, Option<Cluste
         );
         return Ok((Security::Pki(creds), Some(ca)));
     }
-    let token = config.join_token.as_ref().context(
-        "joining a cluster with the built-in PKI needs --join-token (create one on a member: kmsctl cluster token create)",
-    )?;
-    let creds = enroll(config, token).await?;
+    let creds = match (&config.join_token, &config.cluster_secret) {
+        (Some(token), _) => enroll(config, token).await?,
+        (None, Some(secret)) => enroll_with_secret(config, secret).await?,
+        (None, None) => anyhow::bail!(
+            "joining a cluster with the built-in PKI needs --join-token (create one on a member: \
+             kmsctl cluster token create) or the deployment's --cluster-secret-file"
+        ),
+    };
     creds.save(&dir).context("saving the node credentials")?;
     Ok((Security::Pki(creds), None))
 }
@@ -114,6 +118,73 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     file.write_all(contents.as_bytes())?;
     file.sync_all()?;
     Ok(())
+}
+
+/// With the deployment's shared secret (no CA fingerprint to pin): a member must first prove it
+/// knows the secret for the CA it presents; that CA is then pinned like a token's.
+async fn enroll_with_secret(config: &Config, secret: &str) -> anyhow::Result<NodeCredentials> {
+    let secret_sha256 = pki::fingerprint(secret.as_bytes());
+    let transport = Transport {
+        tls: None,
+        cluster_id: Default::default(),
+        connect_timeout: Duration::from_secs(3),
+        channels: Default::default(),
+    };
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(300);
+    loop {
+        for addr in &config.join {
+            let chain = match kms_raft::tls::fetch_chain(addr, Duration::from_secs(5)).await {
+                Ok(chain) => chain,
+                Err(e) => {
+                    tracing::warn!(member = %addr, error = %e, "cluster member not reachable; retrying");
+                    continue;
+                }
+            };
+            // The CA is the last certificate of the chain a member presents.
+            let Some(candidate) = chain.last().cloned() else {
+                continue;
+            };
+            let challenge: [u8; 32] = rand::random();
+            let ca_fp = pki::fingerprint(&candidate);
+            match transport
+                .challenge(
+                    addr,
+                    &candidate,
+                    pki::DEPLOY_TOKEN_ID,
+                    &challenge,
+                    Duration::from_secs(10),
+                )
+                .await
+            {
+                Ok((proof, ca)) => {
+                    let expected = pki::token_proof(&secret_sha256, &challenge, &ca_fp);
+                    if proof != expected || pki::fingerprint(&ca) != ca_fp {
+                        anyhow::bail!(
+                            "{addr} could not prove it knows the cluster secret: another cluster, or \
+                             someone in between; nothing was sent"
+                        );
+                    }
+                    let token = JoinTokenString {
+                        ca_fingerprint: ca_fp,
+                        id: pki::DEPLOY_TOKEN_ID.to_owned(),
+                        secret: secret.to_owned(),
+                    };
+                    return enroll(config, &token).await;
+                }
+                // Also while the bootstrapping node has not committed the CA and its token yet.
+                Err(e) => tracing::warn!(member = %addr, error = %e, "no proof yet; retrying"),
+            }
+        }
+        if started.elapsed() > ENROLL_DEADLINE {
+            anyhow::bail!(
+                "could not enroll at any of {:?} within {ENROLL_DEADLINE:?}",
+                config.join
+            );
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// Obtains this node's certificate from a member with the join token: checks the member's

@@ -33,6 +33,9 @@ pub struct ClusterConfig {
     pub security: Security,
     /// Largest snapshot accepted from a leader.
     pub max_snapshot_bytes: u64,
+    /// SHA-256 of the deployment's shared join secret: a bootstrapping node registers it as
+    /// the `deploy` join token with the cluster CA.
+    pub deploy_secret_sha256: Option<kms_core::security::Fingerprint>,
 }
 
 impl ClusterConfig {
@@ -52,6 +55,7 @@ impl ClusterConfig {
             answer_deadline: Duration::from_millis(2500),
             security: Security::Insecure,
             max_snapshot_bytes: DEFAULT_MAX_SNAPSHOT_BYTES,
+            deploy_secret_sha256: None,
         }
     }
 }

@@ -348,10 +348,23 @@ impl Cluster {
                 if let (Some(ca), Security::Pki(creds)) =
                     (&self.inner.bootstrap_ca, &self.inner.config.security)
                 {
+                    let deploy_token =
+                        self.inner.config.deploy_secret_sha256.map(|secret_sha256| {
+                            kms_core::security::JoinToken {
+                                id: crate::pki::DEPLOY_TOKEN_ID.to_owned(),
+                                secret_sha256,
+                                created_ms: wall_clock_ms(),
+                                expires_ms: 0,
+                                uses_left: u32::MAX,
+                                description: "shared deployment secret (--cluster-secret-file)"
+                                    .to_owned(),
+                            }
+                        });
                     let command = Command::Security(kms_core::security::SecurityCommand::InitPki {
                         ca: ca.clone(),
                         node_id: self.inner.node_id,
                         node_cert: creds.fingerprint(),
+                        deploy_token,
                     });
                     if let Err(e) = self.propose(command).await {
                         tracing::debug!(error = %e, "cluster CA not committed yet");

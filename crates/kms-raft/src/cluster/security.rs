@@ -176,6 +176,29 @@ impl PeerHandler for ClusterInner {
         self.add_member_local(node_id, node).await?;
         Ok(self.node_id)
     }
+
+    async fn prove(
+        &self,
+        token_id: &str,
+        challenge: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>), ClusterError> {
+        let state = self.sm.state();
+        let state = state.read().await;
+        let security = state.security();
+        let ca = security
+            .ca()
+            .ok_or_else(|| ClusterError::Refused(SecurityError::NoPki.to_string()))?;
+        let token = security
+            .tokens()
+            .find(|t| t.id == token_id)
+            .ok_or_else(|| ClusterError::Refused(SecurityError::UnknownToken.to_string()))?;
+        let proof = pki::token_proof(
+            &token.secret_sha256,
+            challenge,
+            &pki::fingerprint(&ca.cert_der),
+        );
+        Ok((proof.to_vec(), ca.cert_der.clone()))
+    }
 }
 
 impl Cluster {
