@@ -83,7 +83,11 @@ const OFFICE_2010_CSVLK: &str = "bfe7a195-4f8f-4f0b-a622-cf13c7d16864";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_endpoints_auth_validation_and_counters_match_real_clients() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), &["--admin-token", TOKEN]);
+    // This test sends dozens of 401s on purpose: no 429 limit (e2e_edge tests the limit).
+    let node = Node::start(
+        dir.path(),
+        &["--admin-token", TOKEN, "--admin-auth-failures", "0"],
+    );
 
     // What the clients do: 4 Windows in initial grace, 2 Windows licensed (renewal state),
     // 3 Office 2016 unlicensed, 1 server in notification.

@@ -13,7 +13,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::{require_token, Token};
+use crate::auth::{require_token, AuthLimiter, AuthState, Token};
 use crate::backend::{AdminBackend, ClusterStatus, JoinRequest, JoinResponse, Readiness};
 use crate::error::{ApiError, ErrorBody};
 use crate::events::{ids, EventQuery};
@@ -33,6 +33,10 @@ pub struct AppState {
 pub struct AdminOptions {
     /// Bearer token every `/api/v1` call must carry; `None` = open (loopback only).
     pub token: Option<String>,
+    /// Failed token checks per source address and window before 429; 0 = no limit.
+    pub auth_failures: u32,
+    /// The window of `auth_failures`.
+    pub auth_window: std::time::Duration,
     /// The admin API is served over TLS (redirects to the leader use `https`).
     pub tls: bool,
 }
@@ -108,13 +112,21 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(backend: Arc<dyn AdminBackend>, options: &AdminOptions) -> Router {
     let (api, doc) = api_parts();
     let openapi_json = Arc::new(doc.to_pretty_json().unwrap_or_else(|_| "{}".to_owned()));
-    let token = Token::new(options.token.as_deref());
+    let auth = AuthState {
+        token: Token::new(options.token.as_deref()),
+        limiter: Arc::new(AuthLimiter::new(options.auth_failures, options.auth_window)),
+        events: Some(backend.events()),
+        now_ms: {
+            let backend = backend.clone();
+            Arc::new(move || backend.now_ms())
+        },
+    };
     let state = AppState {
         backend,
         openapi_json,
     };
     let api = api
-        .route_layer(middleware::from_fn_with_state(token, require_token))
+        .route_layer(middleware::from_fn_with_state(auth, require_token))
         .layer(middleware::from_fn_with_state(
             options.scheme(),
             crate::error::redirect_to_leader,
@@ -209,7 +221,8 @@ async fn metrics_handler(State(s): State<AppState>) -> Response {
     get, path = "/api/v1/status", tag = "status",
     responses(
         (status = 200, description = "Status of this node", body = StatusResponse),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody)
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody)
     )
 )]
 async fn get_status(State(s): State<AppState>) -> Json<StatusResponse> {
@@ -222,6 +235,7 @@ async fn get_status(State(s): State<AppState>) -> Json<StatusResponse> {
     responses(
         (status = 200, description = "Cluster membership", body = ClusterStatus),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody),
         (status = 503, description = "No leader known", body = ErrorBody)
     )
 )]
@@ -237,6 +251,7 @@ async fn get_cluster(State(s): State<AppState>) -> Result<Json<ClusterStatus>, A
         (status = 200, description = "Joined", body = JoinResponse),
         (status = 400, description = "Invalid request; `field` names the problem", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody),
         (status = 409, description = "Conflicts with the membership", body = ErrorBody),
         (status = 503, description = "Not the leader / no quorum; `leader_admin` when known", body = ErrorBody)
     )
@@ -275,6 +290,7 @@ async fn join_cluster(
         (status = 204, description = "Removed"),
         (status = 400, description = "Bad id", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody),
         (status = 404, description = "No such member", body = ErrorBody),
         (status = 409, description = "Cannot remove it (e.g. the last voter)", body = ErrorBody),
         (status = 503, description = "Not the leader / no quorum", body = ErrorBody)
@@ -321,7 +337,8 @@ fn page_limit(q: &mut QueryParams) -> Result<usize, ApiError> {
         (status = 200, description = "A page of clients (JSON), or CSV with `format=csv`",
             content((ClientsPage = "application/json"), (String = "text/csv"))),
         (status = 400, description = "Bad filter; `field` names the parameter", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody)
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody)
     )
 )]
 async fn get_clients(
@@ -390,7 +407,8 @@ async fn get_clients(
     responses(
         (status = 200, description = "Events, newest first", body = EventsPage),
         (status = 400, description = "Bad parameter", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody)
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody)
     )
 )]
 async fn get_events(
@@ -418,7 +436,8 @@ async fn get_events(
     get, path = "/api/v1/config", tag = "config",
     responses(
         (status = 200, description = "Current configuration", body = ConfigView),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody)
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody)
     )
 )]
 async fn get_config(State(s): State<AppState>) -> Json<ConfigView> {
@@ -436,6 +455,7 @@ async fn get_config(State(s): State<AppState>) -> Json<ConfigView> {
         (status = 200, description = "Configuration after the change", body = ConfigView),
         (status = 400, description = "Invalid JSON, unknown field or out-of-range value; `field` names it", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody),
         (status = 503, description = "Not the leader / no quorum", body = ErrorBody)
     )
 )]
@@ -456,7 +476,8 @@ async fn put_config(
     responses(
         (status = 200, description = "Catalog", body = ProductsResponse),
         (status = 400, description = "Bad parameter", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody)
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody)
     )
 )]
 async fn get_products(
@@ -477,7 +498,8 @@ async fn get_products(
     get, path = "/api/v1/openapi.json", tag = "meta",
     responses(
         (status = 200, description = "OpenAPI 3.1 document", content_type = "application/json"),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody)
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody)
     )
 )]
 async fn get_openapi(State(s): State<AppState>) -> Response {

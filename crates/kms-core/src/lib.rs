@@ -13,6 +13,7 @@ pub mod registry;
 pub mod security;
 pub mod state;
 pub mod stats;
+pub mod text;
 
 pub use command::{ActivationOutcome, ActivationRequest, Command, CommandResult, Grant, Refusal};
 pub use identity::HostIdentity;

@@ -39,6 +39,10 @@ pub struct AdminArgs {
     /// Bearer token of the admin API (when the node has one).
     #[arg(long, env = "KMSCTL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM CA certificate(s) that signed the node's admin certificate, for https:// URLs
+    /// (then only these are trusted).
+    #[arg(long = "ca-cert", env = "KMSCTL_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Seconds to wait for an answer.
     #[arg(long = "http-timeout-secs", default_value_t = 30)]
     pub timeout_secs: u64,
@@ -231,10 +235,18 @@ pub struct ProductsArgs {
 }
 
 fn client(args: &AdminArgs) -> Result<AdminClient, AdminError> {
-    AdminClient::new(
+    let ca = match &args.ca_cert {
+        Some(path) => Some(std::fs::read(path).map_err(|e| AdminError::Url {
+            url: args.url.clone(),
+            message: format!("cannot read --ca-cert {}: {e}", path.display()),
+        })?),
+        None => None,
+    };
+    AdminClient::with_ca(
         &args.url,
         args.token.clone(),
         Duration::from_secs(args.timeout_secs.max(1)),
+        ca.as_deref(),
     )
 }
 
@@ -644,7 +656,8 @@ pub async fn clients(args: ClientsArgs) -> u8 {
             .iter()
             .map(|cl| {
                 vec![
-                    cut(&cl.workstation, 24),
+                    // The client's own text: no control sequences on the operator's terminal.
+                    cut(&kms_core::text::escape_control(&cl.workstation), 24),
                     cut(&cl.product, 40),
                     cut(&cl.application, 16),
                     cl.address.clone().unwrap_or_else(|| "-".into()),

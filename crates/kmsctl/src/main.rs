@@ -28,7 +28,7 @@ const EXIT_UNREACHABLE: u8 = 3;
     version,
     about = "Operate and test a kms-cluster KMS host",
     after_help = "Admin commands talk to a node's admin API: --url or KMSCTL_ADMIN_URL \
-(default http://127.0.0.1:8688), token from --token or KMSCTL_TOKEN.\n\n\
+(default http://127.0.0.1:8688), token from --token or KMSCTL_TOKEN, CA of an https:// node from --ca-cert or KMSCTL_CA_CERT.\n\n\
 Exit codes:\n  0  success\n  1  an activation was refused or failed verification (activate, bench)\n  \
 2  usage error (bad arguments)\n  3  the KMS host or the admin API could not be reached\n  \
 4  the admin API refused the token (HTTP 401/403)\n  \

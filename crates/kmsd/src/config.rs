@@ -88,6 +88,46 @@ pub struct Cli {
     )]
     pub admin_token: Option<String>,
 
+    /// File holding the admin token (read at start, surrounding white space trimmed; refused
+    /// when every user may read it), instead of --admin-token so the token is not in argv
+    /// [admin.token_file].
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_ADMIN_TOKEN_FILE",
+        value_name = "FILE",
+        conflicts_with = "admin_token"
+    )]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// PEM certificate chain of the admin API: the API then speaks HTTPS only
+    /// [admin.tls_cert] (default: plain HTTP).
+    #[arg(global = true, long, env = "KMSD_ADMIN_TLS_CERT", value_name = "FILE")]
+    pub admin_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --admin-tls-cert [admin.tls_key].
+    #[arg(global = true, long, env = "KMSD_ADMIN_TLS_KEY", value_name = "FILE")]
+    pub admin_tls_key: Option<PathBuf>,
+
+    /// Failed admin token checks one source address may make per window before it is
+    /// answered 429 until the window ends; 0 = no limit [admin.auth_failures] (default 10).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_ADMIN_AUTH_FAILURES",
+        value_name = "N"
+    )]
+    pub admin_auth_failures: Option<u32>,
+
+    /// The window of --admin-auth-failures, in seconds [admin.auth_window_secs] (default 60).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_ADMIN_AUTH_WINDOW_SECS",
+        value_name = "SECS"
+    )]
+    pub admin_auth_window_secs: Option<u64>,
+
     /// Separate listener for /healthz, /readyz and /metrics only, e.g. for a Prometheus on
     /// another network than operators [admin.metrics_listen] (default: none; they are always
     /// on --admin-listen too).
@@ -232,6 +272,53 @@ pub struct Cli {
     )]
     pub max_pdus_per_connection: Option<u64>,
 
+    /// Most concurrent KMS connections from one source address (IPv4 address or IPv6 /64);
+    /// extra ones are closed; 0 = no limit [kms.max_connections_per_source] (default 256).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_MAX_CONNECTIONS_PER_SOURCE",
+        value_name = "N"
+    )]
+    pub max_connections_per_source: Option<u32>,
+
+    /// New clients (CMIDs not yet registered) one source address may add per second,
+    /// sustained; over it they are answered 0x800706BB (busy) and retry later; 0 = no limit
+    /// [kms.new_clients_per_sec] (default 10).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_NEW_CLIENTS_PER_SEC",
+        value_name = "RATE"
+    )]
+    pub new_clients_per_sec: Option<f64>,
+
+    /// New clients one source address may add at once [kms.new_clients_burst] (default 1000).
+    #[arg(global = true, long, env = "KMSD_NEW_CLIENTS_BURST", value_name = "N")]
+    pub new_clients_burst: Option<u32>,
+
+    /// Source networks the per-source limits do not apply to, repeatable; `none` for no
+    /// exemption [kms.edge_exempt_networks] (default 127.0.0.0/8 and ::1: load tools and a
+    /// proxy on the host itself).
+    #[arg(
+        global = true,
+        long = "edge-exempt-network",
+        env = "KMSD_EDGE_EXEMPT_NETWORKS",
+        value_name = "CIDR|none",
+        value_delimiter = ','
+    )]
+    pub edge_exempt_networks: Vec<String>,
+
+    /// Seconds one KMS connection may live, whatever it sends [kms.max_connection_secs]
+    /// (default 120; a real client needs well under a second).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_MAX_CONNECTION_SECS",
+        value_name = "SECS"
+    )]
+    pub max_connection_secs: Option<u64>,
+
     /// Client networks allowed to connect, repeatable; empty = all [kms.allow_networks].
     #[arg(
         global = true,
@@ -258,6 +345,17 @@ pub struct Cli {
         value_name = "ENGINE"
     )]
     pub storage_engine: Option<StorageEngine>,
+
+    /// Most clients kept in the registry (inventory); when full the least recently seen make
+    /// room [storage.registry_max_clients] (default: from the memory limit, 300 bytes per
+    /// client after a 64 MiB reserve, between 10,000 and 20,000,000).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_REGISTRY_MAX_CLIENTS",
+        value_name = "N"
+    )]
+    pub registry_max_clients: Option<usize>,
 
     /// Write a state snapshot and compact the log every N entries [storage.snapshot_every] (default 10000).
     #[arg(global = true, long, env = "KMSD_SNAPSHOT_EVERY", value_name = "N")]
@@ -425,6 +523,11 @@ pub struct KmsSection {
     pub idle_timeout_secs: Option<u64>,
     pub max_pdu_size: Option<usize>,
     pub max_pdus_per_connection: Option<u64>,
+    pub max_connections_per_source: Option<u32>,
+    pub new_clients_per_sec: Option<f64>,
+    pub new_clients_burst: Option<u32>,
+    pub max_connection_secs: Option<u64>,
+    pub edge_exempt_networks: Option<Vec<String>>,
     pub allow_networks: Option<Vec<IpNet>>,
     pub ndr64: Option<bool>,
     pub btfn: Option<bool>,
@@ -437,6 +540,11 @@ pub struct AdminSection {
     pub metrics_listen: Option<SocketAddr>,
     pub advertise: Option<String>,
     pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub auth_failures: Option<u32>,
+    pub auth_window_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -472,6 +580,7 @@ pub struct StorageSection {
     pub snapshot_every: Option<u64>,
     pub snapshot_keep_logs: Option<u64>,
     pub group_commit_max: Option<usize>,
+    pub registry_max_clients: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -509,6 +618,13 @@ pub struct Config {
     /// How operators and joining nodes reach this node's admin API.
     pub admin_advertise: String,
     pub admin_token: Option<String>,
+    /// Where the admin token came from (`--admin-token-file`), for check-config.
+    pub admin_token_file: Option<PathBuf>,
+    /// Certificate chain and key files of the admin API (HTTPS when set).
+    pub admin_tls: Option<AdminTlsFiles>,
+    /// Failed token checks per source and window before 429 (0 = no limit).
+    pub admin_auth_failures: u32,
+    pub admin_auth_window: std::time::Duration,
     /// Extra listener serving only `/healthz`, `/readyz` and `/metrics`.
     pub metrics_listen: Option<SocketAddr>,
     /// How the node-to-node transport is secured.
@@ -531,6 +647,12 @@ pub struct Config {
     pub idle_timeout: std::time::Duration,
     pub max_pdu_size: usize,
     pub max_pdus_per_connection: u64,
+    pub max_connection_lifetime: std::time::Duration,
+    /// Per-source limits of the KMS listeners.
+    pub edge: crate::edge::EdgeLimits,
+    /// Registry bound and where it came from (setting or memory limit).
+    pub registry_max_clients: usize,
+    pub registry_bound_source: String,
     pub allow_networks: Vec<IpNet>,
     pub ndr64: bool,
     pub btfn: bool,
@@ -542,6 +664,74 @@ pub struct Config {
     pub policy: Option<Policy>,
     pub log_format: LogFormat,
     pub log_level: String,
+}
+
+/// The admin API's certificate chain and private key (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `none` (alone) or CIDR networks; a plain address means that one address.
+fn parse_exempt(list: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    let mut out = Vec::new();
+    for item in list.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        if item.eq_ignore_ascii_case("none") {
+            continue;
+        }
+        let net = item
+            .parse::<IpNet>()
+            .or_else(|_| item.parse::<std::net::IpAddr>().map(IpNet::from))
+            .map_err(|_| {
+                invalid(
+                    "kms.edge_exempt_networks",
+                    format!("{item:?} is not a network (CIDR), an address or none"),
+                )
+            })?;
+        out.push(net);
+    }
+    Ok(out)
+}
+
+/// Reads the admin token file: trimmed, at least 16 characters, not readable by every user.
+fn read_token_file(path: &Path) -> Result<String, ConfigError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| {
+            invalid(
+                "admin.token_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o004 != 0 {
+            return Err(invalid(
+                "admin.token_file",
+                format!(
+                    "{} is readable by every user (mode {mode:03o}): run `chmod 600 {}` (or 640 \
+                     with a group that only kmsd's user is in)",
+                    path.display(),
+                    path.display()
+                ),
+            ));
+        }
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        invalid(
+            "admin.token_file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(invalid(
+            "admin.token_file",
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 /// How the node-to-node transport is secured (one source: flags, file, default).
@@ -830,7 +1020,25 @@ impl Config {
                 "DNS publishing needs the host name clients use for this node",
             ));
         }
-        let admin_token = cli.admin_token.clone().or(file.admin.token.clone());
+        // One source of truth: the token comes from exactly one place. Flag or variable
+        // (--admin-token, --admin-token-file, KMSD_ADMIN_TOKEN[_FILE]) over the config file.
+        let admin_token_file = match (&cli.admin_token_file, &cli.admin_token) {
+            (Some(path), _) => Some(path.clone()),
+            (None, Some(_)) => None,
+            (None, None) => {
+                if file.admin.token.is_some() && file.admin.token_file.is_some() {
+                    return Err(invalid(
+                        "admin.token_file",
+                        "set either [admin] token or [admin] token_file, not both",
+                    ));
+                }
+                file.admin.token_file.clone()
+            }
+        };
+        let admin_token = match &admin_token_file {
+            Some(path) => Some(read_token_file(path)?),
+            None => cli.admin_token.clone().or(file.admin.token.clone()),
+        };
         if admin_token.as_deref().is_some_and(|t| t.trim().len() < 16) {
             return Err(invalid("admin.token", "must be at least 16 characters"));
         }
@@ -840,8 +1048,35 @@ impl Config {
                 "admin.token",
                 format!(
                     "admin.listen {admin_listen} is not a loopback address: set an admin token \
-                     (--admin-token, KMSD_ADMIN_TOKEN or [admin] token)"
+                     (--admin-token-file, --admin-token, KMSD_ADMIN_TOKEN or [admin] token)"
                 ),
+            ));
+        }
+        let admin_tls = match (
+            cli.admin_tls_cert.clone().or(file.admin.tls_cert.clone()),
+            cli.admin_tls_key.clone().or(file.admin.tls_key.clone()),
+        ) {
+            (Some(cert), Some(key)) => Some(AdminTlsFiles { cert, key }),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "admin.tls_cert",
+                    "--admin-tls-cert and --admin-tls-key go together",
+                ))
+            }
+        };
+        let admin_auth_failures = cli
+            .admin_auth_failures
+            .or(file.admin.auth_failures)
+            .unwrap_or(10);
+        let auth_window = cli
+            .admin_auth_window_secs
+            .or(file.admin.auth_window_secs)
+            .unwrap_or(60);
+        if !(1..=86_400).contains(&auth_window) {
+            return Err(invalid(
+                "admin.auth_window_secs",
+                format!("{auth_window} is outside 1..=86400"),
             ));
         }
         let metrics_listen = cli.metrics_listen.or(file.admin.metrics_listen);
@@ -893,6 +1128,81 @@ impl Config {
                 "must be >= 2 (bind + request)",
             ));
         }
+        let edge = crate::edge::EdgeLimits {
+            max_connections_per_source: cli
+                .max_connections_per_source
+                .or(file.kms.max_connections_per_source)
+                .unwrap_or(crate::edge::DEFAULT_MAX_CONNECTIONS_PER_SOURCE),
+            new_clients_per_sec: cli
+                .new_clients_per_sec
+                .or(file.kms.new_clients_per_sec)
+                .unwrap_or(crate::edge::DEFAULT_NEW_CLIENTS_PER_SEC),
+            new_clients_burst: cli
+                .new_clients_burst
+                .or(file.kms.new_clients_burst)
+                .unwrap_or(crate::edge::DEFAULT_NEW_CLIENTS_BURST),
+            max_sources: crate::edge::DEFAULT_MAX_SOURCES,
+            exempt: {
+                let list = if cli.edge_exempt_networks.is_empty() {
+                    file.kms.edge_exempt_networks.clone()
+                } else {
+                    Some(cli.edge_exempt_networks.clone())
+                };
+                match list {
+                    None => crate::edge::default_exempt(),
+                    Some(list) => parse_exempt(&list)?,
+                }
+            },
+        };
+        if !(edge.new_clients_per_sec.is_finite()
+            && (0.0..=1_000_000.0).contains(&edge.new_clients_per_sec))
+        {
+            return Err(invalid(
+                "kms.new_clients_per_sec",
+                format!(
+                    "{} is outside 0..=1000000 (0 = no limit)",
+                    edge.new_clients_per_sec
+                ),
+            ));
+        }
+        if !(1..=10_000_000).contains(&edge.new_clients_burst) {
+            return Err(invalid(
+                "kms.new_clients_burst",
+                format!("{} is outside 1..=10000000", edge.new_clients_burst),
+            ));
+        }
+        let lifetime = cli
+            .max_connection_secs
+            .or(file.kms.max_connection_secs)
+            .unwrap_or(120);
+        if !(1..=86_400).contains(&lifetime) {
+            return Err(invalid(
+                "kms.max_connection_secs",
+                format!("{lifetime} is outside 1..=86400"),
+            ));
+        }
+        let (registry_max_clients, registry_bound_source) = match cli
+            .registry_max_clients
+            .or(file.storage.registry_max_clients)
+        {
+            Some(n) if n < 1000 => {
+                return Err(invalid(
+                    "storage.registry_max_clients",
+                    format!("{n} is below 1000"),
+                ))
+            }
+            Some(n) => (n, "setting".to_owned()),
+            None => match crate::memory::memory_limit() {
+                Some(limit) => (
+                    crate::memory::clients_for(limit.bytes),
+                    format!("{} MiB from {}", limit.bytes >> 20, limit.source),
+                ),
+                None => (
+                    kms_core::registry::MAX_CLIENTS,
+                    "built-in default (memory limit unknown)".to_owned(),
+                ),
+            },
+        };
         let snapshot_every = cli
             .snapshot_every
             .or(file.storage.snapshot_every)
@@ -939,6 +1249,10 @@ impl Config {
             raft_advertise,
             admin_advertise,
             admin_token,
+            admin_token_file,
+            admin_tls,
+            admin_auth_failures,
+            admin_auth_window: std::time::Duration::from_secs(auth_window),
             metrics_listen,
             raft_security,
             join_token,
@@ -954,6 +1268,10 @@ impl Config {
             idle_timeout: std::time::Duration::from_secs(idle),
             max_pdu_size,
             max_pdus_per_connection: max_pdus,
+            max_connection_lifetime: std::time::Duration::from_secs(lifetime),
+            edge,
+            registry_max_clients,
+            registry_bound_source,
             allow_networks: if cli.allow_networks.is_empty() {
                 file.kms.allow_networks.unwrap_or_default()
             } else {
@@ -1002,10 +1320,71 @@ impl Config {
     }
 }
 
+/// The second line of `kmsd check-config`: admin transport and auth limit, edge limits and
+/// the registry bound.
+pub fn edge_summary(config: &Config) -> String {
+    let admin = match &config.admin_tls {
+        Some(t) => format!("https (cert {})", t.cert.display()),
+        None if config.admin_listen.ip().is_loopback() => "http (loopback)".to_owned(),
+        None => {
+            "http (NOT loopback: token in clear; set --admin-tls-cert/--admin-tls-key)".to_owned()
+        }
+    };
+    let auth = if config.admin_auth_failures == 0 {
+        "no limit".to_owned()
+    } else {
+        format!(
+            "429 after {} failures per {} s",
+            config.admin_auth_failures,
+            config.admin_auth_window.as_secs()
+        )
+    };
+    let per = |n: u32| {
+        if n == 0 {
+            "no limit".to_owned()
+        } else {
+            n.to_string()
+        }
+    };
+    let exempt = if config.edge.exempt.is_empty() {
+        "none".to_owned()
+    } else {
+        config
+            .edge
+            .exempt
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let rate = if config.edge.new_clients_per_sec <= 0.0 {
+        "no limit".to_owned()
+    } else {
+        format!(
+            "{}/s burst {}",
+            config.edge.new_clients_per_sec, config.edge.new_clients_burst
+        )
+    };
+    format!(
+        "limits: admin {admin}, auth {auth}; per source address: connections {}, new clients {rate}, exempt {exempt}; connection lifetime {} s, {} PDUs; registry max {} clients ({})",
+        per(config.edge.max_connections_per_source),
+        config.max_connection_lifetime.as_secs(),
+        config.max_pdus_per_connection,
+        config.registry_max_clients,
+        config.registry_bound_source
+    )
+}
+
 impl Config {
     /// The health URL of this node's admin listener (loopback when it listens on any address).
     pub fn local_health_url(&self) -> String {
-        let mut addr = self.admin_listen;
+        // With HTTPS on the admin port, the plain metrics listener (when there is one) is
+        // the simpler probe target.
+        let (mut addr, scheme) = match (&self.admin_tls, self.metrics_listen) {
+            (Some(_), Some(metrics)) => (metrics, "http"),
+            (Some(_), None) => (self.admin_listen, "https"),
+            (None, _) => (self.admin_listen, "http"),
+        };
         if addr.ip().is_unspecified() {
             addr.set_ip(if addr.is_ipv6() {
                 std::net::Ipv6Addr::LOCALHOST.into()
@@ -1013,7 +1392,7 @@ impl Config {
                 std::net::Ipv4Addr::LOCALHOST.into()
             });
         }
-        format!("http://{addr}/healthz")
+        format!("{scheme}://{addr}/healthz")
     }
 }
 
@@ -1197,6 +1576,82 @@ mod tests {
             FileConfig::default()
         )
         .is_ok());
+    }
+
+    #[test]
+    fn edge_limits_from_file_and_flags_with_keys_named() {
+        let cfg = Config::merge(parse(&[]), FileConfig::default()).unwrap();
+        assert_eq!(cfg.edge, crate::edge::EdgeLimits::default());
+        assert_eq!(cfg.max_connection_lifetime.as_secs(), 120);
+        assert_eq!(
+            (cfg.admin_auth_failures, cfg.admin_auth_window.as_secs()),
+            (10, 60)
+        );
+        let file: FileConfig = toml::from_str(
+            "[kms]\nmax_connections_per_source = 32\nnew_clients_per_sec = 2.5\n\
+             new_clients_burst = 50\nedge_exempt_networks = [\"10.1.0.0/16\"]\n\
+             max_connection_secs = 30\n[storage]\nregistry_max_clients = 200000\n\
+             [admin]\nauth_failures = 5\nauth_window_secs = 600\n",
+        )
+        .unwrap();
+        let cfg = Config::merge(parse(&["--new-clients-burst", "70"]), file).unwrap();
+        assert_eq!(cfg.edge.max_connections_per_source, 32);
+        assert_eq!(cfg.edge.new_clients_per_sec, 2.5);
+        assert_eq!(cfg.edge.new_clients_burst, 70);
+        assert_eq!(
+            cfg.edge.exempt,
+            vec!["10.1.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(cfg.max_connection_lifetime.as_secs(), 30);
+        assert_eq!(cfg.registry_max_clients, 200_000);
+        assert_eq!(cfg.registry_bound_source, "setting");
+        assert_eq!(
+            (cfg.admin_auth_failures, cfg.admin_auth_window.as_secs()),
+            (5, 600)
+        );
+        let cfg = Config::merge(
+            parse(&["--edge-exempt-network", "none"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert!(cfg.edge.exempt.is_empty());
+        for (args, key) in [
+            (
+                &["--new-clients-per-sec", "NaN"][..],
+                "kms.new_clients_per_sec",
+            ),
+            (&["--new-clients-burst", "0"][..], "kms.new_clients_burst"),
+            (
+                &["--max-connection-secs", "0"][..],
+                "kms.max_connection_secs",
+            ),
+            (
+                &["--edge-exempt-network", "nope"][..],
+                "kms.edge_exempt_networks",
+            ),
+            (
+                &["--registry-max-clients", "10"][..],
+                "storage.registry_max_clients",
+            ),
+            (
+                &["--admin-auth-window-secs", "0"][..],
+                "admin.auth_window_secs",
+            ),
+            (&["--admin-tls-cert", "/x.pem"][..], "admin.tls_cert"),
+        ] {
+            let err = Config::merge(parse(args), FileConfig::default()).unwrap_err();
+            assert!(err.to_string().contains(key), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn token_and_token_file_in_the_file_are_exclusive() {
+        let file: FileConfig = toml::from_str(
+            "[admin]\ntoken = \"0123456789abcdef\"\ntoken_file = \"/run/secrets/t\"\n",
+        )
+        .unwrap();
+        let err = Config::merge(parse(&[]), file).unwrap_err();
+        assert!(err.to_string().contains("admin.token_file"), "{err}");
     }
 
     #[test]

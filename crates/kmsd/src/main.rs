@@ -4,6 +4,9 @@ use clap::Parser;
 use kmsd::config::{Cli, Config, Subcommand};
 
 fn main() -> ExitCode {
+    // Whatever kmsd writes (the node's state, `recover`'s rewrite of it) is private to its
+    // user: files 0600, directories 0700.
+    kmsd::hardening::private_umask();
     let mut cli = Cli::parse();
     let command = cli.command.take();
     let config = match Config::load(cli) {
@@ -25,6 +28,12 @@ fn main() -> ExitCode {
     };
     match command {
         Some(Subcommand::CheckConfig) => {
+            if let Some(tls) = &config.admin_tls {
+                if let Err(e) = kmsd::admin::tls_server_config_from_files(&tls.cert, &tls.key) {
+                    eprintln!("kmsd: invalid value for admin.tls_cert: {e:#}");
+                    return ExitCode::from(2);
+                }
+            }
             let clients = if config.allow_networks.is_empty() {
                 "all".to_owned()
             } else {
@@ -37,7 +46,11 @@ fn main() -> ExitCode {
                 config.kms_listen,
                 clients,
                 config.admin_listen,
-                if config.admin_token.is_some() { "set" } else { "none" },
+                match (&config.admin_token, &config.admin_token_file) {
+                    (Some(_), Some(f)) => format!("from file {}", f.display()),
+                    (Some(_), None) => "set".to_owned(),
+                    (None, _) => "none".to_owned(),
+                },
                 config.raft_listen,
                 config.raft_heartbeat_ms,
                 config.raft_election_timeout_ms.0,
@@ -46,6 +59,7 @@ fn main() -> ExitCode {
                 config.dns.publish.len(),
                 config.raft_security.describe()
             );
+            println!("{}", kmsd::config::edge_summary(&config));
             ExitCode::SUCCESS
         }
         Some(Subcommand::Inspect) => kmsd::node::inspect(&config),
