@@ -341,9 +341,14 @@ if has_step sbom; then
     t=$(now)
     mkdir -p "$OUT/sbom"
     rm -f "$OUT"/sbom/*.cdx.json
+    # One document per workspace member, written beside its Cargo.toml; the release
+    # artifacts' two are kept, the others removed (nothing stays in the source tree).
+    cargo cyclonedx --format json --spec-version 1.5 --no-build-deps -q
     for crate in kmsd kmsctl; do
-        (cd "crates/$crate" && cargo cyclonedx --format json --override-filename "$crate.cdx" --quiet)
         mv "crates/$crate/$crate.cdx.json" "$OUT/sbom/$crate.cdx.json"
+    done
+    find crates tests -maxdepth 2 -name '*.cdx.json' -delete
+    for crate in kmsd kmsctl; do
         f="$OUT/sbom/$crate.cdx.json"
         [ -s "$f" ] || fail "$f empty"
         jq -e --arg c "$crate" '
@@ -353,7 +358,7 @@ if has_step sbom; then
             and ([.components[].name] | index("kms-wire") != null)
             and ([.components[] | select(.purl != null)] | length > 50)' "$f" >/dev/null ||
             fail "$f: not a CycloneDX document of $crate with its dependencies"
-        pass "$(basename "$f"): CycloneDX $(jq -r .specVersion "$f"), $(jq '.components | length' "$f") components"
+        pass "$(basename "$f"): CycloneDX $(jq -r .specVersion "$f"), $(jq '.components | length' "$f") components ($(jq -r '[.components[].name | select(startswith("kms"))] | join(", ")' "$f"))"
     done
     took[sbom]=$(($(now) - t))
 fi
@@ -363,8 +368,8 @@ step "summary"
 {
     echo "version $VERSION revision $REVISION"
     for bin in kmsd kmsctl; do echo "release/$bin $(stat -c %s "$REL/$bin") bytes"; done
-    [ -f "$OUT/kms-cluster-$VERSION.image.tar" ] && echo "image ${size:-?} bytes (uncompressed layers)"
-    ls "$OUT"/kmsd_*.deb >/dev/null 2>&1 && echo "deb $(stat -c %s "$OUT"/kmsd_*.deb) bytes"
+    if [ -n "${size:-}" ]; then echo "image $size bytes (uncompressed layers)"; fi
+    if has_step deb; then echo "deb $(stat -c %s "$OUT"/kmsd_*.deb) bytes"; fi
     for k in "${!took[@]}"; do echo "time $k ${took[$k]} s"; done
 } | tee "$OUT/sizes.txt"
 echo "artifacts in $OUT"
