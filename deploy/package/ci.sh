@@ -18,7 +18,6 @@
 #   PACKAGE_STEPS="image deb" bash ...        some steps (build, image, deb, sbom)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-ROOT=$(pwd)
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kms-cluster-target}"
 export CARGO_TERM_COLOR=never
 OUT="$CARGO_TARGET_DIR/package"
@@ -309,8 +308,9 @@ if has_step deb; then
         --admin-url "http://127.0.0.1:$admin" --json)
     code=$?
     set -e
-    [ "$code" = 1 ] && echo "$diag" | jq -e '.problems == ["count_below_n"]' >/dev/null ||
+    if [ "$code" != 1 ] || ! echo "$diag" | jq -e '.problems == ["count_below_n"]' >/dev/null; then
         fail "kmsctl diagnose (exit $code): $diag"
+    fi
     pass "installed kmsd runs as kmsd on loopback: activation ok, kmsctl diagnose names count_below_n"
     stop_pid "$pid"
     [ "$(stat -c %U "$data/data")" = kmsd ] || fail "data dir not written by kmsd"

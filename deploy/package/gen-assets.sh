@@ -33,4 +33,4 @@ done
 sed 's#/usr/local/bin/#/usr/bin/#g' "$ROOT/deploy/systemd/kmsd.service" > "$OUT/kmsd.service"
 grep -qx 'ExecStart=/usr/bin/kmsd --config /etc/kmsd/kmsd.toml' "$OUT/kmsd.service" || {
     echo "gen-assets: unexpected ExecStart in deploy/systemd/kmsd.service" >&2; exit 1; }
-echo "generated $(ls "$OUT/man" | wc -l) man pages and $(ls "$OUT/completions" | wc -l) completion scripts in $OUT"
+echo "generated $(find "$OUT/man" -type f | wc -l) man pages and $(find "$OUT/completions" -type f | wc -l) completion scripts in $OUT"

@@ -46,4 +46,4 @@ install -m 0644 "$ROOT/deploy/docker/kmsd.toml" "$CTX/rootfs/etc/kmsd/kmsd.toml"
 chmod 1777 "$CTX/rootfs/tmp"
 chmod 0755 "$CTX/rootfs/var" "$CTX/rootfs/var/lib"
 chmod 0700 "$CTX/data/kmsd"   # copied with owner 65532 by the Containerfile
-echo "staged $(du -sh "$CTX/rootfs" | cut -f1) in $CTX/rootfs: $(echo $libs | wc -w) libraries"
+echo "staged $(du -sh "$CTX/rootfs" | cut -f1) in $CTX/rootfs: $(echo "$libs" | wc -w) libraries"
