@@ -30,7 +30,7 @@ const EXIT_UNREACHABLE: u8 = 3;
     about = "Operate and test a kms-cluster KMS host",
     after_help = "Admin commands talk to a node's admin API: --url or KMSCTL_ADMIN_URL \
 (default http://127.0.0.1:8688), token from --token or KMSCTL_TOKEN.\n\n\
-Exit codes:\n  0  success\n  1  an activation was refused or failed verification (activate, bench)\n  \
+Exit codes:\n  0  success\n  1  an activation was refused or failed verification (activate, bench); diagnose found a problem\n  \
 2  usage error (bad arguments)\n  3  the KMS host or the admin API could not be reached\n  \
 4  the admin API refused the token (HTTP 401/403)\n  \
 5  the admin API answered another error (400 invalid input, 404 not found, 409 conflict, 503 no leader, 5xx)"
