@@ -453,6 +453,12 @@ pub enum Subcommand {
         #[arg(long)]
         force_single_node: bool,
     },
+    /// Print the man page (roff) of kmsd (packaging).
+    #[command(hide = true)]
+    Man,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]

@@ -9,6 +9,16 @@ fn main() -> ExitCode {
     kmsd::hardening::private_umask();
     let mut cli = Cli::parse();
     let command = cli.command.take();
+    // Packaging helpers: need no configuration.
+    match command {
+        Some(Subcommand::Man) => return man(),
+        Some(Subcommand::Completions { shell }) => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "kmsd", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
     let config = match Config::load(cli) {
         Ok(c) => c,
         Err(e) => {
@@ -62,6 +72,7 @@ fn main() -> ExitCode {
             println!("{}", kmsd::config::edge_summary(&config));
             ExitCode::SUCCESS
         }
+        Some(Subcommand::Man | Subcommand::Completions { .. }) => ExitCode::SUCCESS,
         Some(Subcommand::Inspect) => kmsd::node::inspect(&config),
         Some(Subcommand::Recover { force_single_node }) => {
             if !force_single_node {
@@ -84,6 +95,24 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `kmsd man`: the roff page on stdout.
+fn man() -> ExitCode {
+    let mut out = Vec::new();
+    if let Err(e) = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)
+    {
+        eprintln!("kmsd man: {e}");
+        return ExitCode::FAILURE;
+    }
+    use std::io::Write;
+    match std::io::stdout().write_all(&out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kmsd man: {e}");
+            ExitCode::FAILURE
         }
     }
 }
