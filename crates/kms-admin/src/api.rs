@@ -95,6 +95,7 @@ fn api_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             crate::tokens::list_tokens
         ))
         .routes(routes!(crate::tokens::revoke_token))
+        .routes(routes!(crate::tokens::rotate_certificate))
         .routes(routes!(get_clients))
         .routes(routes!(get_events))
         .routes(routes!(get_config, put_config))

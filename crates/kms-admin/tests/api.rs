@@ -256,6 +256,7 @@ async fn openapi_document_matches_the_routes() {
         [
             "GET /api/v1/clients",
             "GET /api/v1/cluster",
+            "POST /api/v1/cluster/certificate",
             "POST /api/v1/cluster/join",
             "DELETE /api/v1/cluster/members/2",
             "GET /api/v1/cluster/tokens",

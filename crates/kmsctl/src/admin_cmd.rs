@@ -82,6 +82,14 @@ pub enum ClusterCmd {
     /// Join tokens of the built-in cluster PKI: `create`, `list`, `revoke ID`.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Have the leader issue the node behind --url a new certificate (presented from its
+    /// next start; the current one stays valid until the one after is issued).
+    RotateCert {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -543,6 +551,24 @@ pub async fn cluster(cmd: ClusterCmd) -> u8 {
             .await
         }
         ClusterCmd::Token(cmd) => token(cmd).await,
+        ClusterCmd::RotateCert { admin, json } => {
+            run(&admin, |c| async move {
+                let view: Value = c
+                    .send(Method::POST, "/api/v1/cluster/certificate", &Value::Null)
+                    .await?;
+                if json {
+                    print_json(&view);
+                } else {
+                    outln!(
+                        "new certificate {} ({} days); restart the node to present it",
+                        view["fingerprint"].as_str().unwrap_or_default(),
+                        view["days_left"]
+                    );
+                }
+                Ok(())
+            })
+            .await
+        }
     }
 }
 

@@ -160,21 +160,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let events = telemetry::event_log();
-    let admin_backend = Arc::new(admin::NodeBackend::new(
-        engine.clone(),
-        prometheus,
-        events.clone(),
-        dns_status.clone(),
-        admin::Addresses {
-            kms: config.kms_listen.clone(),
-            admin: admin_listener.local_addr()?,
-            raft: config.raft_listen,
-            metrics: match &metrics_listener {
-                Some(l) => Some(l.local_addr()?),
-                None => None,
+    let admin_backend = Arc::new(
+        admin::NodeBackend::new(
+            engine.clone(),
+            prometheus,
+            events.clone(),
+            dns_status.clone(),
+            admin::Addresses {
+                kms: config.kms_listen.clone(),
+                admin: admin_listener.local_addr()?,
+                raft: config.raft_listen,
+                metrics: match &metrics_listener {
+                    Some(l) => Some(l.local_addr()?),
+                    None => None,
+                },
             },
-        },
-    ));
+        )
+        .with_pki_dir(crate::pki::pki_dir(&config.data_dir)),
+    );
     let router = admin::router(
         admin_backend.clone(),
         config.admin_token.clone(),
