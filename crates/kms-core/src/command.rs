@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::catalog::{CatalogUpdate, HostKeys};
 use crate::{HostIdentity, Policy, UnixMillis};
 
 /// One activation request as the host saw it (decoded KMS base request + transport facts).
@@ -49,6 +50,13 @@ pub enum Command {
     SetPolicy(Policy),
     /// Drops registry entries older than the policy's retention and expired CMIDs at `now`.
     Expire { now: UnixMillis },
+    /// Installs the product catalog if the cluster has none yet (the compiled-in default,
+    /// proposed after the identity; later ones are ignored, like `InitIdentity`).
+    InitCatalog(CatalogUpdate),
+    /// Replaces the product catalog (an operator's import), validated again by `apply`.
+    SetCatalog(CatalogUpdate),
+    /// Names the installed host key per application.
+    SetHostKeys(HostKeys),
 }
 
 /// A successful answer to one activation request.
@@ -90,4 +98,9 @@ pub enum CommandResult {
     Policy(Result<(), String>),
     /// Number of registry entries and CMIDs dropped.
     Expired { clients: usize, cmids: usize },
+    /// Catalog installed (`Ok(true)`), already present for `InitCatalog` (`Ok(false)`), or
+    /// refused with the reason (nothing changed).
+    Catalog(Result<bool, String>),
+    /// Host keys set, or refused with the reason.
+    HostKeys(Result<(), String>),
 }

@@ -22,10 +22,20 @@ pub struct ListKey {
     pub known: bool,
 }
 
-/// Chooses the list for a request: the request's application id when the catalog knows it,
+/// Chooses the list for a request (with the replicated catalog): the request's application id
+/// when the catalog knows it,
 /// else the catalog application of its KMS id, else the request's application id (unknown).
-pub fn application_list(application_id: &Uuid, kms_counted_id: &Uuid) -> ListKey {
-    let catalog = kms_catalog::catalog();
+pub fn application_list(
+    catalog: Option<&kms_catalog::CatalogData>,
+    application_id: &Uuid,
+    kms_counted_id: &Uuid,
+) -> ListKey {
+    let Some(catalog) = catalog else {
+        return ListKey {
+            id: *application_id,
+            known: false,
+        };
+    };
     if catalog.application(application_id).is_some() {
         return ListKey {
             id: *application_id,

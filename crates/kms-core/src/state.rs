@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::catalog::CatalogState;
 use crate::command::{ActivationOutcome, ActivationRequest, Grant, Refusal};
 use crate::counting::{
     application_list, filetime_to_unix_ms, Counting, ListKey, MAX_REQUIRED_CLIENT_COUNT,
@@ -23,9 +24,10 @@ pub const HR_CLOCK_SKEW: u32 = 0xC004_F06C;
 /// Snapshot header: magic then format version, so a foreign or future file is rejected
 /// with a clear error instead of being misread.
 const SNAPSHOT_MAGIC: &[u8; 4] = b"KMSS";
-/// 2 added each client's last request time (to recognise a request applied twice); 1 is
-/// still read.
-const SNAPSHOT_VERSION: u8 = 2;
+/// 3 added the replicated catalog and host keys; 2 added each client's last request time (to
+/// recognise a request applied twice); 1 and 2 are still read (without a catalog: the leader
+/// proposes the built-in one, see `Command::InitCatalog`).
+const SNAPSHOT_VERSION: u8 = 3;
 
 /// Why a snapshot could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +68,17 @@ struct StateV1 {
     statistics: Statistics,
 }
 
+/// [`State`] as snapshot format 2 wrote it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct StateV2 {
+    identity: Option<HostIdentity>,
+    policy: Policy,
+    counting: Counting,
+    registry: Registry,
+    statistics: Statistics,
+}
+
 /// The whole replicated state. Serializable as a snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -74,6 +87,56 @@ pub struct State {
     counting: Counting,
     registry: Registry,
     statistics: Statistics,
+    catalog: CatalogState,
+}
+
+/// Strict mode, like a genuine host with one host key per application: the KMS id must be a
+/// volume product of the request's application that the installed key activates.
+fn strict_check(
+    catalog: &kms_catalog::CatalogData,
+    host_key: &kms_catalog::HostKeyData,
+    request: &ActivationRequest,
+) -> Result<(), ActivationOutcome> {
+    let kms = request.kms_counted_id;
+    let Some(item) = catalog.kms_item(&kms) else {
+        return Err(refuse(
+            HR_KMS_ID_NOT_ALLOWED,
+            format!("KMS id {kms} is not in the catalog"),
+        ));
+    };
+    if item.application_id != request.application_id {
+        return Err(refuse(
+            HR_KMS_ID_NOT_ALLOWED,
+            format!(
+                "application id {} does not match KMS id {kms} ({}) of application {}",
+                request.application_id, item.name, item.application_id
+            ),
+        ));
+    }
+    if item.is_retail || item.is_preview {
+        return Err(refuse(
+            HR_KMS_ID_NOT_ALLOWED,
+            format!("{} is a retail/OEM or preview product", item.name),
+        ));
+    }
+    if let Some(sku) = catalog.sku(&request.sku_id) {
+        if sku.kms_item_id != kms {
+            return Err(refuse(
+                HR_KMS_ID_NOT_ALLOWED,
+                format!("SKU {} ({}) does not belong to KMS id {kms}", sku.id, sku.name),
+            ));
+        }
+    }
+    if !host_key.activates(&kms) {
+        return Err(refuse(
+            HR_KMS_ID_NOT_ALLOWED,
+            format!(
+                "{} is not activated by the installed host key {}",
+                item.name, host_key.name
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn refuse(hresult: u32, reason: impl Into<String>) -> ActivationOutcome {
@@ -104,10 +167,24 @@ impl State {
             Command::SetPolicy(policy) => match policy.validate() {
                 Ok(()) => {
                     self.policy = policy.clone();
+                    // An old-style policy naming licensed CSVLKs becomes host keys.
+                    self.catalog.migrate_licensed_csvlks(&mut self.policy);
                     CommandResult::Policy(Ok(()))
                 }
                 Err(e) => CommandResult::Policy(Err(e.to_string())),
             },
+            Command::InitCatalog(update) | Command::SetCatalog(update) => {
+                let only_if_none = matches!(command, Command::InitCatalog(_));
+                CommandResult::Catalog(self.catalog.install(
+                    update,
+                    only_if_none,
+                    self.identity.as_mut(),
+                    &mut self.policy,
+                ))
+            }
+            Command::SetHostKeys(keys) => CommandResult::HostKeys(
+                self.catalog.set_host_keys(keys, self.identity.as_mut()),
+            ),
             Command::Expire { now } => {
                 let retention_ms =
                     u64::from(self.policy.registry_retention_days).saturating_mul(DAY_MS);
@@ -121,7 +198,11 @@ impl State {
     /// Decides one request and records it in the statistics (and, if granted, in the CMID
     /// cache and the registry).
     fn activate(&mut self, now: UnixMillis, request: &ActivationRequest) -> ActivationOutcome {
-        let list = application_list(&request.application_id, &request.kms_counted_id);
+        let list = application_list(
+            self.catalog.catalog(),
+            &request.application_id,
+            &request.kms_counted_id,
+        );
         // The same request applied a second time (resent inside the cluster after its answer
         // deadline) is answered again but is not a second request of the client.
         let repeat = self.registry.is_repeat(&list.id, request);
@@ -171,22 +252,26 @@ impl State {
                 format!("required client count {n} exceeds {MAX_REQUIRED_CLIENT_COUNT}"),
             ));
         }
+        let Some(catalog) = self.catalog.catalog() else {
+            return Err(refuse(HR_INVALID_DATA, "product catalog not initialised"));
+        };
+        let item = catalog.kms_item(&request.kms_counted_id);
+        // The application whose host key answers: the request's when known, else the one of
+        // its KMS id, else Windows (a new product works in open mode before the catalog
+        // names it).
+        let answering_app = if catalog.application(&request.application_id).is_some() {
+            request.application_id
+        } else {
+            item.map_or(kms_catalog::well_known::WINDOWS, |i| i.application_id)
+        };
+        let Some(host_key) = self.catalog.host_key_for(&answering_app) else {
+            return Err(refuse(
+                HR_INVALID_DATA,
+                format!("no host key for application {answering_app}"),
+            ));
+        };
         if self.policy.product_policy == ProductPolicy::Strict {
-            let catalog = kms_catalog::catalog();
-            let licensed = self.policy.licensed_csvlks.iter().any(|id| {
-                catalog
-                    .csvlk(id)
-                    .is_some_and(|c| c.activates.contains(&request.kms_counted_id))
-            });
-            if !licensed {
-                return Err(refuse(
-                    HR_KMS_ID_NOT_ALLOWED,
-                    format!(
-                        "KMS id {} is not activated by a licensed CSVLK",
-                        request.kms_counted_id
-                    ),
-                ));
-            }
+            strict_check(catalog, host_key, request)?;
         }
         if let Some(minutes) = self.policy.max_clock_skew_minutes {
             let client = i128::from(filetime_to_unix_ms(request.request_time));
@@ -201,14 +286,10 @@ impl State {
         if let Err(e) = self.counting.check(list) {
             return Err(refuse(HR_INVALID_DATA, e.to_string()));
         }
-        let Some((_, epid)) = identity.epid_for(
-            &request.application_id,
-            &request.kms_counted_id,
-            &self.policy.licensed_csvlks,
-        ) else {
+        let Some(epid) = identity.epids.get(&host_key.id) else {
             return Err(refuse(
                 HR_INVALID_DATA,
-                format!("no ePID for KMS id {}", request.kms_counted_id),
+                format!("no ePID for host key {} ({})", host_key.id, host_key.name),
             ));
         };
         Ok((epid.to_owned(), identity.hwid))
@@ -263,7 +344,11 @@ impl State {
         request: &ActivationRequest,
         pending: &[Uuid],
     ) -> ActivationOutcome {
-        let list = application_list(&request.application_id, &request.kms_counted_id);
+        let list = application_list(
+            self.catalog.catalog(),
+            &request.application_id,
+            &request.kms_counted_id,
+        );
         let (epid, hwid) = match self.check(now, request, &list) {
             Ok(answer) => answer,
             Err(refusal) => return refusal,
@@ -300,6 +385,11 @@ impl State {
         &self.policy
     }
 
+    /// The replicated catalog and host keys.
+    pub fn catalog(&self) -> &CatalogState {
+        &self.catalog
+    }
+
     pub fn statistics(&self) -> &Statistics {
         &self.statistics
     }
@@ -321,14 +411,14 @@ impl State {
 
     /// Count summary of every application list that has seen a request, by list id.
     pub fn counts(&self, now: UnixMillis) -> Vec<AppCount> {
-        let catalog = kms_catalog::catalog();
+        let catalog = self.catalog.catalog();
         self.counting
             .lists()
             .map(|(id, cache)| AppCount {
                 application_id: *id,
                 name: catalog
-                    .application(id)
-                    .map_or_else(|| "unknown".to_owned(), |a| a.name.to_owned()),
+                    .and_then(|c| c.application(id))
+                    .map_or_else(|| "unknown".to_owned(), |a| a.name.clone()),
                 current_count: cache.live_count(now),
                 capacity: cache.capacity(),
                 max_n_seen: cache.max_n_seen(),
@@ -383,6 +473,18 @@ impl State {
         let (&version, body) = body.split_first().ok_or(SnapshotError::BadMagic)?;
         let (state, rest) = match version {
             SNAPSHOT_VERSION => postcard::take_from_bytes::<State>(body)?,
+            2 => {
+                let (v2, rest) = postcard::take_from_bytes::<StateV2>(body)?;
+                let state = State {
+                    identity: v2.identity,
+                    policy: v2.policy,
+                    counting: v2.counting,
+                    registry: v2.registry,
+                    statistics: v2.statistics,
+                    catalog: CatalogState::default(),
+                };
+                (state, rest)
+            }
             1 => {
                 let (v1, rest) = postcard::take_from_bytes::<StateV1>(body)?;
                 let state = State {
@@ -391,6 +493,7 @@ impl State {
                     counting: v1.counting,
                     registry: Registry::try_from(v1.registry).map_err(SnapshotError::Invalid)?,
                     statistics: v1.statistics,
+                    catalog: CatalogState::default(),
                 };
                 (state, rest)
             }
