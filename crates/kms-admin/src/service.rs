@@ -81,21 +81,33 @@ pub async fn status(backend: &dyn AdminBackend) -> StatusResponse {
     let policy = state.policy();
     let identity = state.identity();
     let apps = applications(&state, now);
+    let cats = state.catalog();
+    let installed: Vec<Uuid> = cats
+        .catalog()
+        .map(|c| {
+            c.applications
+                .iter()
+                .filter_map(|a| cats.host_key_for(&a.id).map(|k| k.id))
+                .collect()
+        })
+        .unwrap_or_default();
     let epids = identity
         .map(|i| {
             i.epids
                 .iter()
                 .map(|(csvlk_id, epid)| EpidStatus {
                     csvlk_id: *csvlk_id,
-                    csvlk: catalog()
-                        .csvlk(csvlk_id)
-                        .map_or_else(|| csvlk_id.to_string(), |c| c.name.to_owned()),
+                    csvlk: cats
+                        .catalog()
+                        .and_then(|c| c.host_key(csvlk_id))
+                        .map_or_else(|| csvlk_id.to_string(), |c| c.name.clone()),
                     epid: epid.clone(),
-                    licensed: policy.licensed_csvlks.contains(csvlk_id),
+                    licensed: installed.contains(csvlk_id),
                 })
                 .collect()
         })
         .unwrap_or_default();
+    let _ = policy;
     StatusResponse {
         node_id: node.node_id,
         role: node.role,
@@ -403,25 +415,39 @@ pub async fn update_config(
     Ok(config_view(&state))
 }
 
-/// `GET /api/v1/products`.
+/// `GET /api/v1/products`: every KMS id of the replicated catalog, whether it activates under
+/// the current policy and which installed host key (and so which ePID) answers it.
 pub fn products(state: &State, search: Option<&str>, activated: Option<bool>) -> ProductsResponse {
-    let cat = catalog();
     let policy = state.policy();
     let identity = state.identity();
+    let cats = state.catalog();
+    let Some(cat) = cats.catalog() else {
+        return ProductsResponse {
+            product_policy: policy_name(policy.product_policy).to_owned(),
+            products: Vec::new(),
+            csvlks: Vec::new(),
+        };
+    };
     let words: Vec<String> = search
         .map(|s| s.split_whitespace().map(str::to_lowercase).collect())
         .unwrap_or_default();
+    let installed: Vec<Uuid> = cat
+        .applications
+        .iter()
+        .filter_map(|a| cats.host_key_for(&a.id).map(|k| k.id))
+        .collect();
     let products = cat
-        .kms_items()
+        .kms_items
         .iter()
         .filter_map(|item| {
             let skus: Vec<SkuView> = cat
-                .skus_of(&item.id)
-                .into_iter()
+                .skus
+                .iter()
+                .filter(|s| s.kms_item_id == item.id)
                 .map(|s| SkuView {
                     sku_id: s.id,
-                    name: s.name.to_owned(),
-                    gvlk: s.gvlk.map(str::to_owned),
+                    name: s.name.clone(),
+                    gvlk: s.gvlk.clone(),
                 })
                 .collect();
             if !words.is_empty() {
@@ -433,48 +459,48 @@ pub fn products(state: &State, search: Option<&str>, activated: Option<bool>) ->
                     return None;
                 }
             }
+            let key = cats.host_key_for(&item.application_id);
+            let covered = key.is_some_and(|k| k.activates(&item.id));
             let allowed = match policy.product_policy {
                 ProductPolicy::Open => true,
-                ProductPolicy::Strict => policy
-                    .licensed_csvlks
-                    .iter()
-                    .any(|id| cat.csvlk(id).is_some_and(|c| c.activates(&item.id))),
+                ProductPolicy::Strict => covered && !item.is_retail && !item.is_preview,
             };
-            let answering = identity.and_then(|i| {
-                i.epid_for(&item.application_id, &item.id, &policy.licensed_csvlks)
-                    .map(|(id, _)| id)
-            });
+            let answering = key
+                .filter(|k| identity.is_some_and(|i| i.epids.contains_key(&k.id)))
+                .map(|k| k.id);
             let is_activated = allowed && answering.is_some();
             if activated.is_some_and(|want| want != is_activated) {
                 return None;
             }
             Some(ProductView {
                 kms_id: item.id,
-                name: item.name.to_owned(),
+                name: item.name.clone(),
                 application_id: item.application_id,
-                application: names::application_name(&item.application_id),
+                application: cat
+                    .application(&item.application_id)
+                    .map_or_else(|| names::application_name(&item.application_id), |a| a.name.clone()),
                 n_count_policy: item.n_count_policy,
                 is_retail: item.is_retail,
                 is_preview: item.is_preview,
                 activated: is_activated,
                 csvlk_id: answering,
                 csvlk: answering
-                    .and_then(|id| cat.csvlk(&id))
-                    .map(|c| c.name.to_owned()),
+                    .and_then(|id| cat.host_key(&id))
+                    .map(|c| c.name.clone()),
                 skus,
             })
         })
         .collect();
     let csvlks = cat
-        .csvlks()
+        .host_keys
         .iter()
         .map(|c| CsvlkView {
             csvlk_id: c.id,
-            name: c.name.to_owned(),
+            name: c.name.clone(),
             group_id: c.group_id,
-            licensed: policy.licensed_csvlks.contains(&c.id),
-            is_lab: c.is_lab,
-            is_preview: c.is_preview,
+            licensed: installed.contains(&c.id),
+            is_lab: !c.installable,
+            is_preview: false,
             activates: c.activates.len(),
         })
         .collect();

@@ -6,7 +6,7 @@ use uuid::Uuid;
 use crate::catalog::CatalogState;
 use crate::command::{ActivationOutcome, ActivationRequest, Grant, Refusal};
 use crate::counting::{
-    application_list, filetime_to_unix_ms, Counting, ListKey, MAX_REQUIRED_CLIENT_COUNT,
+    application_list_in, filetime_to_unix_ms, Counting, ListKey, MAX_REQUIRED_CLIENT_COUNT,
 };
 use crate::policy::ProductPolicy;
 use crate::registry::{ClientPage, ClientQuery, ClientRecord, Registry};
@@ -198,7 +198,7 @@ impl State {
     /// Decides one request and records it in the statistics (and, if granted, in the CMID
     /// cache and the registry).
     fn activate(&mut self, now: UnixMillis, request: &ActivationRequest) -> ActivationOutcome {
-        let list = application_list(
+        let list = application_list_in(
             self.catalog.catalog(),
             &request.application_id,
             &request.kms_counted_id,
@@ -344,7 +344,7 @@ impl State {
         request: &ActivationRequest,
         pending: &[Uuid],
     ) -> ActivationOutcome {
-        let list = application_list(
+        let list = application_list_in(
             self.catalog.catalog(),
             &request.application_id,
             &request.kms_counted_id,

@@ -169,6 +169,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         build = identity.host_build,
         "host identity ready"
     );
+    for warning in &config.config_warnings {
+        tracing::warn!("{warning}");
+    }
+    crate::catalog::ensure_catalog(&engine, &identity, Duration::from_secs(120)).await?;
+    crate::catalog::check_rpc_features(&identity, config.ndr64, config.btfn);
     if let Some(policy) = &config.policy {
         if engine.state().read().await.policy() != policy {
             match engine.propose(Command::SetPolicy(policy.clone())).await? {
@@ -178,6 +183,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 other => anyhow::bail!("policy from configuration rejected: {other:?}"),
             }
         }
+    }
+
+    if !config.host_keys.is_empty() {
+        crate::catalog::apply_host_keys(&engine, &config.host_keys).await?;
     }
 
     let kms = KmsService::new(
