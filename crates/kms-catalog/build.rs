@@ -52,14 +52,21 @@ fn run() -> Result<()> {
     let overlay_path = Path::new(&manifest_dir).join(OVERLAY_PATH);
     let overlay_text = std::fs::read_to_string(&overlay_path)
         .map_err(|e| BuildError(format!("cannot read {}: {e}", overlay_path.display())))?;
-    let overlay: Overlay = toml::from_str(&overlay_text)
-        .map_err(|e| BuildError(format!("{OVERLAY_PATH}: {e}")))?;
+    let overlay: Overlay =
+        toml::from_str(&overlay_text).map_err(|e| BuildError(format!("{OVERLAY_PATH}: {e}")))?;
     apply_overlay(&mut data, &overlay)
         .map_err(|e| BuildError(format!("{OVERLAY_PATH}: {}", e.0)))?;
     let mut code = generate(&data)?;
     let _ = writeln!(code, "/// Version of the built-in catalog.");
-    let _ = writeln!(code, "pub const BUILTIN_VERSION: &str = {:?};", overlay.version);
-    let _ = writeln!(code, "/// Sources the catalog's facts cite (key, description).");
+    let _ = writeln!(
+        code,
+        "pub const BUILTIN_VERSION: &str = {:?};",
+        overlay.version
+    );
+    let _ = writeln!(
+        code,
+        "/// Sources the catalog's facts cite (key, description)."
+    );
     let _ = writeln!(code, "pub static SOURCES: &[(&str, &str)] = &[");
     for (k, v) in &overlay.sources {
         let _ = writeln!(code, "    ({k:?}, {v:?}),");
@@ -646,7 +653,6 @@ fn generate(data: &Data) -> Result<String> {
     Ok(o)
 }
 
-
 /// `data/microsoft.toml`: corrections and additions with their sources.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -708,7 +714,9 @@ fn apply_overlay(data: &mut Data, o: &Overlay) -> Result<()> {
         if o.sources.contains_key(s) {
             Ok(())
         } else {
-            Err(BuildError(format!("{what}: source {s:?} is not in [sources]")))
+            Err(BuildError(format!(
+                "{what}: source {s:?} is not in [sources]"
+            )))
         }
     };
     for it in &o.kms_item {
@@ -782,17 +790,11 @@ fn apply_overlay(data: &mut Data, o: &Overlay) -> Result<()> {
                 c.key_range = (lo, hi)
             }
             (None, None) => {}
-            _ => {
-                return Err(BuildError(format!(
-                    "host_key {}: bad key range",
-                    hk.id
-                )))
-            }
+            _ => return Err(BuildError(format!("host_key {}: bad key range", hk.id))),
         }
         if let Some(d) = &hk.release_date {
-            c.release_date = parse_date(d).ok_or_else(|| {
-                BuildError(format!("host_key {}: bad release_date {d:?}", hk.id))
-            })?;
+            c.release_date = parse_date(d)
+                .ok_or_else(|| BuildError(format!("host_key {}: bad release_date {d:?}", hk.id)))?;
         }
         if let Some(i) = hk.installable {
             c.installable = i;

@@ -108,6 +108,7 @@ pub async fn status(backend: &dyn AdminBackend) -> StatusResponse {
         })
         .unwrap_or_default();
     let _ = policy;
+    let catalog = catalog_summary(&state);
     StatusResponse {
         node_id: node.node_id,
         role: node.role,
@@ -145,6 +146,7 @@ pub async fn status(backend: &dyn AdminBackend) -> StatusResponse {
         hwid: identity.map(HostIdentity::hwid_hex),
         host_build: identity.map(|i| i.host_build),
         epids,
+        catalog,
         registered_clients: state.client_count() as u64,
         time_ms: now,
     }
@@ -278,7 +280,24 @@ pub fn clients_csv(page: &ClientsPage) -> String {
 }
 
 pub fn policy_view(p: &Policy) -> PolicyView {
+    policy_view_with(p, Default::default())
+}
+
+fn installed_host_keys(state: &State) -> std::collections::BTreeMap<Uuid, Uuid> {
+    let cats = state.catalog();
+    cats.catalog()
+        .map(|c| {
+            c.applications
+                .iter()
+                .filter_map(|a| cats.host_key_for(&a.id).map(|k| (a.id, k.id)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn policy_view_with(p: &Policy, host_keys: std::collections::BTreeMap<Uuid, Uuid>) -> PolicyView {
     PolicyView {
+        host_keys,
         activation_interval: p.activation_interval,
         renewal_interval: p.renewal_interval,
         product_policy: policy_name(p.product_policy).to_owned(),
@@ -291,7 +310,7 @@ pub fn policy_view(p: &Policy) -> PolicyView {
 
 pub fn config_view(state: &State) -> ConfigView {
     ConfigView {
-        policy: policy_view(state.policy()),
+        policy: policy_view_with(state.policy(), installed_host_keys(state)),
         identity: state.identity().map(|i| IdentityView {
             cluster_id: i.cluster_id,
             hwid: i.hwid_hex(),
@@ -300,6 +319,75 @@ pub fn config_view(state: &State) -> ConfigView {
             epids: i.epids.clone(),
         }),
     }
+}
+
+/// The host keys after `patch` (`host_keys`, or the legacy `licensed_csvlks` mapped to the
+/// newest listed key per application), checked against the replicated catalog; `None` when
+/// the patch names neither or nothing changes.
+fn patched_host_keys(
+    state: &State,
+    patch: &PolicyPatch,
+    now: u64,
+) -> Result<Option<kms_core::HostKeys>, ApiError> {
+    if patch.host_keys.is_none() && patch.licensed_csvlks.is_none() {
+        return Ok(None);
+    }
+    let cats = state.catalog();
+    let Some(cat) = cats.catalog() else {
+        return Err(ApiError::Conflict(
+            "no product catalog replicated yet".into(),
+        ));
+    };
+    let mut keys = cats.configured_host_keys().clone();
+    if let Some(legacy) = &patch.licensed_csvlks {
+        let mut chosen: std::collections::BTreeMap<Uuid, &kms_catalog::HostKeyData> =
+            Default::default();
+        for id in legacy {
+            let key = cat.host_key(id).ok_or_else(|| {
+                ApiError::invalid(
+                    "policy.licensed_csvlks",
+                    format!("{id} is not a host key of the catalog"),
+                )
+            })?;
+            if chosen
+                .get(&key.application_id)
+                .is_none_or(|c| c.release_date < key.release_date)
+            {
+                chosen.insert(key.application_id, key);
+            }
+        }
+        keys.extend(chosen.into_iter().map(|(a, k)| (a, k.id)));
+    }
+    if let Some(named) = &patch.host_keys {
+        keys.clear();
+        for (app_name, id) in named {
+            let field = format!("policy.host_keys.{app_name}");
+            let app =
+                names::parse_application(app_name).map_err(|e| ApiError::invalid(&field, e))?;
+            let key = cat.host_key(id).ok_or_else(|| {
+                ApiError::invalid(&field, format!("{id} is not a host key of the catalog"))
+            })?;
+            if key.application_id != app {
+                return Err(ApiError::invalid(
+                    &field,
+                    format!("{id} ({}) is a host key of another application", key.name),
+                ));
+            }
+            keys.insert(app, *id);
+        }
+    }
+    if &keys == cats.configured_host_keys() {
+        return Ok(None);
+    }
+    let epids = match state.identity() {
+        Some(identity) => {
+            let chosen: Vec<&kms_catalog::HostKeyData> =
+                keys.values().filter_map(|k| cat.host_key(k)).collect();
+            kms_core::catalog::missing_epids(identity, cat, &chosen, now, rand::random())
+        }
+        None => Default::default(),
+    };
+    Ok(Some(kms_core::HostKeys { keys, epids }))
 }
 
 /// The policy after `patch`, validated (errors name `policy.<field>`).
@@ -314,9 +402,7 @@ pub fn patched_policy(current: &Policy, patch: &PolicyPatch) -> Result<Policy, A
     if let Some(v) = patch.product_policy {
         p.product_policy = v;
     }
-    if let Some(v) = &patch.licensed_csvlks {
-        p.licensed_csvlks = v.clone();
-    }
+    // `licensed_csvlks` is turned into host keys (`patched_host_keys`), never stored.
     if let Some(v) = patch.max_clock_skew_minutes {
         p.max_clock_skew_minutes = v;
     }
@@ -361,9 +447,13 @@ pub async fn update_config(
     backend: &dyn AdminBackend,
     update: &ConfigUpdate,
 ) -> Result<ConfigView, ApiError> {
-    let (new_policy, new_identity) = {
+    let (new_policy, new_identity, new_host_keys) = {
         let state_lock = backend.state();
         let state = state_lock.read().await;
+        let host_keys = match &update.policy {
+            Some(patch) => patched_host_keys(&state, patch, backend.now_ms())?,
+            None => None,
+        };
         let policy = match &update.policy {
             Some(patch) => {
                 let p = patched_policy(state.policy(), patch)?;
@@ -381,9 +471,22 @@ pub async fn update_config(
             }
             None => None,
         };
-        (policy, identity)
+        (policy, identity, host_keys)
     };
     let mut changed = Vec::new();
+    if let Some(keys) = new_host_keys {
+        match backend.propose(Command::SetHostKeys(keys)).await? {
+            CommandResult::HostKeys(Ok(())) => changed.push("host_keys"),
+            CommandResult::HostKeys(Err(message)) => {
+                return Err(ApiError::invalid("policy.host_keys", message))
+            }
+            other => {
+                return Err(ApiError::Internal(format!(
+                    "unexpected result of a host key change: {other:?}"
+                )))
+            }
+        }
+    }
     if let Some(policy) = new_policy {
         match backend.propose(Command::SetPolicy(policy)).await? {
             CommandResult::Policy(Ok(())) => changed.push("policy"),
@@ -476,9 +579,10 @@ pub fn products(state: &State, search: Option<&str>, activated: Option<bool>) ->
                 kms_id: item.id,
                 name: item.name.clone(),
                 application_id: item.application_id,
-                application: cat
-                    .application(&item.application_id)
-                    .map_or_else(|| names::application_name(&item.application_id), |a| a.name.clone()),
+                application: cat.application(&item.application_id).map_or_else(
+                    || names::application_name(&item.application_id),
+                    |a| a.name.clone(),
+                ),
                 n_count_policy: item.n_count_policy,
                 is_retail: item.is_retail,
                 is_preview: item.is_preview,
@@ -509,6 +613,91 @@ pub fn products(state: &State, search: Option<&str>, activated: Option<bool>) ->
         products,
         csvlks,
     }
+}
+
+/// The replicated catalog in short, with the host key (and ePID) per application.
+pub fn catalog_summary(state: &State) -> Option<CatalogSummary> {
+    let cats = state.catalog();
+    let cat = cats.catalog()?;
+    let installed = cat
+        .applications
+        .iter()
+        .filter_map(|a| {
+            let key = cats.host_key_for(&a.id)?;
+            Some(InstalledHostKey {
+                application_id: a.id,
+                application: a.name.clone(),
+                host_key_id: key.id,
+                host_key: key.name.clone(),
+                configured: cats.configured_host_keys().contains_key(&a.id),
+                epid: state.identity().and_then(|i| i.epids.get(&key.id).cloned()),
+            })
+        })
+        .collect();
+    Some(CatalogSummary {
+        version: cat.version.clone(),
+        source: cat.source.clone(),
+        kms_items: cat.kms_items.len(),
+        skus: cat.skus.len(),
+        host_keys: cat.host_keys.len(),
+        installed,
+    })
+}
+
+/// `PUT /api/v1/catalog`: validates a whole catalog and replicates it (`SetCatalog`), with
+/// ePIDs for its host keys the identity lacks. A bad catalog changes nothing.
+pub async fn import_catalog(
+    backend: &dyn AdminBackend,
+    catalog: kms_catalog::CatalogData,
+) -> Result<CatalogSummary, ApiError> {
+    let catalog = catalog.normalized();
+    catalog
+        .validate()
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    let update = {
+        let state_lock = backend.state();
+        let state = state_lock.read().await;
+        let Some(identity) = state.identity() else {
+            return Err(ApiError::Conflict(
+                "the host identity does not exist yet".into(),
+            ));
+        };
+        let keys: Vec<&kms_catalog::HostKeyData> = catalog.host_keys.iter().collect();
+        let epids = kms_core::catalog::missing_epids(
+            identity,
+            &catalog,
+            &keys,
+            backend.now_ms(),
+            rand::random(),
+        );
+        kms_core::CatalogUpdate {
+            catalog: catalog.clone(),
+            epids,
+        }
+    };
+    match backend.propose(Command::SetCatalog(update)).await? {
+        CommandResult::Catalog(Ok(_)) => {}
+        CommandResult::Catalog(Err(e)) => return Err(ApiError::invalid("catalog", e)),
+        other => {
+            return Err(ApiError::invalid(
+                "catalog",
+                format!("unexpected result {other:?}"),
+            ))
+        }
+    }
+    backend.events().push(
+        backend.now_ms(),
+        ids::CONFIG,
+        "info",
+        format!(
+            "product catalog {} from {} replicated",
+            catalog.version, catalog.source
+        ),
+        serde_json::json!({ "version": catalog.version, "source": catalog.source }),
+    );
+    let state_lock = backend.state();
+    let state = state_lock.read().await;
+    catalog_summary(&state).ok_or_else(|| ApiError::Conflict("no catalog after the import".into()))
 }
 
 /// Unix ms of the latest granted activation in the registry (for the idle alert).

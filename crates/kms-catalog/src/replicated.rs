@@ -128,10 +128,7 @@ fn check_text(field: String, value: &str, max: usize) -> Result<(), CatalogError
         return fail(field, "must not be empty");
     }
     if value.chars().count() > max || value.chars().any(char::is_control) {
-        return fail(
-            field,
-            format!("must be at most {max} printable characters"),
-        );
+        return fail(field, format!("must be at most {max} printable characters"));
     }
     Ok(())
 }
@@ -148,10 +145,16 @@ fn check_sorted<T>(
     for (i, w) in rows.windows(2).enumerate() {
         let (a, b) = (id(&w[0]), id(&w[1]));
         if a == b {
-            return fail(format!("{table}[{}].id", i + 1), format!("duplicate id {b}"));
+            return fail(
+                format!("{table}[{}].id", i + 1),
+                format!("duplicate id {b}"),
+            );
         }
         if a > b {
-            return fail(format!("{table}[{}].id", i + 1), "tables must be sorted by id");
+            return fail(
+                format!("{table}[{}].id", i + 1),
+                "tables must be sorted by id",
+            );
         }
     }
     Ok(())
@@ -242,7 +245,9 @@ impl CatalogData {
     pub fn validate(&self) -> Result<(), CatalogError> {
         check_text("version".into(), &self.version, 64)?;
         check_text("source".into(), &self.source, MAX_TEXT)?;
-        check_sorted("applications", &self.applications, MAX_APPLICATIONS, |a| a.id)?;
+        check_sorted("applications", &self.applications, MAX_APPLICATIONS, |a| {
+            a.id
+        })?;
         check_sorted("kms_items", &self.kms_items, MAX_KMS_ITEMS, |k| k.id)?;
         check_sorted("skus", &self.skus, MAX_SKUS, |s| s.id)?;
         check_sorted("host_keys", &self.host_keys, MAX_HOST_KEYS, |h| h.id)?;

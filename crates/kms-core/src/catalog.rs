@@ -145,10 +145,16 @@ impl CatalogState {
         };
         for (app, key) in &update.keys {
             if catalog.application(app).is_none() {
-                return Err(format!("host_keys.{app}: not an application of the catalog"));
+                return Err(format!(
+                    "host_keys.{app}: not an application of the catalog"
+                ));
             }
             match catalog.host_key(key) {
-                None => return Err(format!("host_keys.{app}: {key} is not a host key of the catalog")),
+                None => {
+                    return Err(format!(
+                        "host_keys.{app}: {key} is not a host key of the catalog"
+                    ))
+                }
                 Some(k) if k.application_id != *app => {
                     return Err(format!(
                         "host_keys.{app}: {key} ({}) is a host key of another application",

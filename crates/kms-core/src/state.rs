@@ -123,7 +123,10 @@ fn strict_check(
         if sku.kms_item_id != kms {
             return Err(refuse(
                 HR_KMS_ID_NOT_ALLOWED,
-                format!("SKU {} ({}) does not belong to KMS id {kms}", sku.id, sku.name),
+                format!(
+                    "SKU {} ({}) does not belong to KMS id {kms}",
+                    sku.id, sku.name
+                ),
             ));
         }
     }
@@ -182,9 +185,9 @@ impl State {
                     &mut self.policy,
                 ))
             }
-            Command::SetHostKeys(keys) => CommandResult::HostKeys(
-                self.catalog.set_host_keys(keys, self.identity.as_mut()),
-            ),
+            Command::SetHostKeys(keys) => {
+                CommandResult::HostKeys(self.catalog.set_host_keys(keys, self.identity.as_mut()))
+            }
             Command::Expire { now } => {
                 let retention_ms =
                     u64::from(self.policy.registry_retention_days).saturating_mul(DAY_MS);

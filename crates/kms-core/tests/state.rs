@@ -7,9 +7,8 @@ use kms_core::policy::ProductPolicy;
 use kms_core::registry::ClientQuery;
 use kms_core::state::{SnapshotError, HR_CLOCK_SKEW, HR_INVALID_DATA, HR_KMS_ID_NOT_ALLOWED};
 use kms_core::{
-    CatalogUpdate, HostKeys,
-    ActivationOutcome, ActivationRequest, Command, CommandResult, Grant, HostIdentity, Policy,
-    Refusal, State, UnixMillis, CMID_LIFETIME_MS, DAY_MS,
+    ActivationOutcome, ActivationRequest, CatalogUpdate, Command, CommandResult, Grant,
+    HostIdentity, HostKeys, Policy, Refusal, State, UnixMillis, CMID_LIFETIME_MS, DAY_MS,
 };
 use uuid::{uuid, Uuid};
 
@@ -99,7 +98,10 @@ fn ready_state() -> State {
         s.apply(&Command::InitIdentity(identity())),
         CommandResult::Identity { created: true }
     );
-    assert_eq!(s.apply(&builtin_catalog()), CommandResult::Catalog(Ok(true)));
+    assert_eq!(
+        s.apply(&builtin_catalog()),
+        CommandResult::Catalog(Ok(true))
+    );
     s
 }
 
@@ -278,18 +280,28 @@ fn strict_policy_grants_what_the_installed_host_keys_activate() {
             ..Policy::default()
         },
     );
-    assert!(s.policy().licensed_csvlks.is_empty(), "migrated to host keys");
+    assert!(
+        s.policy().licensed_csvlks.is_empty(),
+        "migrated to host keys"
+    );
     assert_eq!(
         s.catalog().configured_host_keys().get(&WINDOWS),
         Some(&CSVLK_WINDOWS_SERVER_2019)
     );
     // Down-level: Server 2019, Server 2016, Windows 10 (LTSC 2019 and Pro/Enterprise),
     // Office 2016 and 2013 all activate, each Windows one with the one Windows ePID.
-    for req in [server(1, T0), win10(2, T0), request(WINDOWS, KMS_SERVER_2016, 5, 3, T0)] {
+    for req in [
+        server(1, T0),
+        win10(2, T0),
+        request(WINDOWS, KMS_SERVER_2016, 5, 3, T0),
+    ] {
         let g = grant(one(&mut s, T0, req));
         assert_eq!(g.epid, format!("EPID-{CSVLK_WINDOWS_SERVER_2019}"));
     }
-    for req in [office(4, T0), request(OFFICE_2013, KMS_OFFICE_2013, 5, 5, T0)] {
+    for req in [
+        office(4, T0),
+        request(OFFICE_2013, KMS_OFFICE_2013, 5, 5, T0),
+    ] {
         let g = grant(one(&mut s, T0, req));
         assert_eq!(g.epid, format!("EPID-{CSVLK_OFFICE_2016}"));
     }
@@ -319,7 +331,11 @@ fn strict_policy_grants_what_the_installed_host_keys_activate() {
         })),
         CommandResult::HostKeys(Ok(()))
     );
-    let g = grant(one(&mut s, T0, request(WINDOWS, KMS_SERVER_2022, 5, 10, T0)));
+    let g = grant(one(
+        &mut s,
+        T0,
+        request(WINDOWS, KMS_SERVER_2022, 5, 10, T0),
+    ));
     assert_eq!(g.epid, format!("EPID-{CSVLK_WINDOWS_SERVER_2025}"));
     // A key of another application is refused and changes nothing.
     assert!(matches!(
@@ -342,8 +358,14 @@ fn no_catalog_refuses_and_init_catalog_first_wins() {
     let r = refusal(one(&mut s, T0, win10(1, T0)));
     assert_eq!(r.hresult, HR_INVALID_DATA);
     assert!(r.reason.contains("catalog"), "{}", r.reason);
-    assert_eq!(s.apply(&builtin_catalog()), CommandResult::Catalog(Ok(true)));
-    assert_eq!(s.apply(&builtin_catalog()), CommandResult::Catalog(Ok(false)));
+    assert_eq!(
+        s.apply(&builtin_catalog()),
+        CommandResult::Catalog(Ok(true))
+    );
+    assert_eq!(
+        s.apply(&builtin_catalog()),
+        CommandResult::Catalog(Ok(false))
+    );
     grant(one(&mut s, T0, win10(1, T0)));
 }
 

@@ -112,7 +112,11 @@ pub fn check_rpc_features(identity: &HostIdentity, ndr64: bool, btfn: bool) {
              --ndr64 and --btfn to {} to look like it",
             build.build,
             build.display_name,
-            if build.uses_ndr64 { "offers" } else { "offers neither" },
+            if build.uses_ndr64 {
+                "offers"
+            } else {
+                "offers neither"
+            },
             build.uses_ndr64
         );
     }

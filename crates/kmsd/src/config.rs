@@ -257,7 +257,12 @@ pub struct Cli {
 
     /// Installed Windows KMS host key group (CSVLK activation id) [policy.windows_host_key]
     /// (default: the newest in the catalog, Windows Server 2025; see `kmsctl products`).
-    #[arg(global = true, long, env = "KMSD_WINDOWS_HOST_KEY", value_name = "GUID")]
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_WINDOWS_HOST_KEY",
+        value_name = "GUID"
+    )]
     pub windows_host_key: Option<Uuid>,
 
     /// Installed Office 2013+ KMS host key group [policy.office_host_key] (default: newest,
@@ -266,7 +271,12 @@ pub struct Cli {
     pub office_host_key: Option<Uuid>,
 
     /// Installed Office 2010 KMS host key group [policy.office2010_host_key].
-    #[arg(global = true, long, env = "KMSD_OFFICE2010_HOST_KEY", value_name = "GUID")]
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_OFFICE2010_HOST_KEY",
+        value_name = "GUID"
+    )]
     pub office2010_host_key: Option<Uuid>,
 
     /// Deprecated: licensed CSVLK ids [policy.licensed_csvlks]; each is mapped to the host key
@@ -900,7 +910,11 @@ fn resolve_host_keys(
     let cat = kms_catalog::catalog();
     let mut keys = std::collections::BTreeMap::new();
     let mut warnings = Vec::new();
-    if let Some(legacy) = cli.licensed_csvlks.clone().or_else(|| file.licensed_csvlks.clone()) {
+    if let Some(legacy) = cli
+        .licensed_csvlks
+        .clone()
+        .or_else(|| file.licensed_csvlks.clone())
+    {
         let mut mapped = Vec::new();
         for id in &legacy {
             let Some(c) = cat.csvlk(id).filter(|c| !c.application_id.is_nil()) else {
@@ -923,12 +937,23 @@ fn resolve_host_keys(
              application; mapped [{}] to host keys {:?}; use windows_host_key, office_host_key \
              and office2010_host_key instead",
             mapped.join(", "),
-            keys.values().filter_map(|k| cat.csvlk(k)).map(|c| c.name).collect::<Vec<_>>()
+            keys.values()
+                .filter_map(|k| cat.csvlk(k))
+                .map(|c| c.name)
+                .collect::<Vec<_>>()
         ));
     }
     for (key_name, app, value) in [
-        ("policy.windows_host_key", WINDOWS, cli.windows_host_key.or(file.windows_host_key)),
-        ("policy.office_host_key", OFFICE_2013, cli.office_host_key.or(file.office_host_key)),
+        (
+            "policy.windows_host_key",
+            WINDOWS,
+            cli.windows_host_key.or(file.windows_host_key),
+        ),
+        (
+            "policy.office_host_key",
+            OFFICE_2013,
+            cli.office_host_key.or(file.office_host_key),
+        ),
         (
             "policy.office2010_host_key",
             OFFICE_2010,
@@ -949,7 +974,9 @@ fn resolve_host_keys(
             None => {
                 return Err(ConfigError::Invalid {
                     key: key_name,
-                    message: format!("{id} is not a KMS host key of the catalog (see `kmsctl products`)"),
+                    message: format!(
+                        "{id} is not a KMS host key of the catalog (see `kmsctl products`)"
+                    ),
                 })
             }
         }

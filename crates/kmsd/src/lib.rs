@@ -2,8 +2,8 @@
 //! The binary (`main.rs`) only parses the configuration and calls [`node::run`].
 
 pub mod admin;
-pub mod catalog;
 pub mod admin_backend;
+pub mod catalog;
 pub mod config;
 pub mod dns;
 pub mod engine;
