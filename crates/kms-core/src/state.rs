@@ -515,6 +515,42 @@ mod tests {
     use crate::registry::{ProductKey, RegistryReprV1};
 
     #[test]
+    fn format_2_snapshots_are_read_without_a_catalog() {
+        let v2 = StateV2 {
+            identity: None,
+            policy: Policy {
+                licensed_csvlks: vec![kms_catalog::well_known::CSVLK_WINDOWS_SERVER_2019],
+                ..Policy::default()
+            },
+            counting: Counting::default(),
+            registry: Registry::default(),
+            statistics: Statistics::default(),
+        };
+        let mut bytes = SNAPSHOT_MAGIC.to_vec();
+        bytes.push(2);
+        bytes.extend(postcard::to_allocvec(&v2).unwrap());
+        let mut state = State::from_snapshot(&bytes).unwrap();
+        assert!(state.catalog().catalog().is_none());
+        // The built-in catalog proposed after the restore migrates the legacy list.
+        let r = state.apply(&Command::InitCatalog(crate::CatalogUpdate {
+            catalog: kms_catalog::CatalogData::builtin(),
+            epids: Default::default(),
+        }));
+        assert_eq!(r, CommandResult::Catalog(Ok(true)));
+        assert!(state.policy().licensed_csvlks.is_empty());
+        assert_eq!(
+            state
+                .catalog()
+                .configured_host_keys()
+                .get(&kms_catalog::well_known::WINDOWS),
+            Some(&kms_catalog::well_known::CSVLK_WINDOWS_SERVER_2019)
+        );
+        let again = State::from_snapshot(&state.to_snapshot()).unwrap();
+        assert!(again == state);
+        assert_eq!(state.to_snapshot()[SNAPSHOT_MAGIC.len()], SNAPSHOT_VERSION);
+    }
+
+    #[test]
     fn format_1_snapshots_are_read() {
         let list = Uuid::from_u128(0x11);
         let cmid = Uuid::from_u128(0x22);
