@@ -87,7 +87,7 @@ pub async fn status(backend: &dyn AdminBackend) -> StatusResponse {
         .map(|c| {
             c.applications
                 .iter()
-                .filter_map(|a| cats.host_key_for(&a.id).map(|k| k.id))
+                .filter_map(|a| cats.installed(&a.id).map(|k| k.id))
                 .collect()
         })
         .unwrap_or_default();
@@ -289,7 +289,7 @@ fn installed_host_keys(state: &State) -> std::collections::BTreeMap<Uuid, Uuid> 
         .map(|c| {
             c.applications
                 .iter()
-                .filter_map(|a| cats.host_key_for(&a.id).map(|k| (a.id, k.id)))
+                .map(|a| (a.id, cats.installed(&a.id).map_or(Uuid::nil(), |k| k.id)))
                 .collect()
         })
         .unwrap_or_default()
@@ -356,7 +356,10 @@ fn patched_host_keys(
                 chosen.insert(key.application_id, key);
             }
         }
-        keys.extend(chosen.into_iter().map(|(a, k)| (a, k.id)));
+        // Applications the list does not cover get no key (strict refuses them, as before).
+        for a in &cat.applications {
+            keys.insert(a.id, chosen.get(&a.id).map_or(Uuid::nil(), |k| k.id));
+        }
     }
     if let Some(named) = &patch.host_keys {
         keys.clear();
@@ -364,6 +367,10 @@ fn patched_host_keys(
             let field = format!("policy.host_keys.{app_name}");
             let app =
                 names::parse_application(app_name).map_err(|e| ApiError::invalid(&field, e))?;
+            if id.is_nil() {
+                keys.insert(app, *id); // no host key installed for this application
+                continue;
+            }
             let key = cat.host_key(id).ok_or_else(|| {
                 ApiError::invalid(&field, format!("{id} is not a host key of the catalog"))
             })?;
@@ -537,7 +544,7 @@ pub fn products(state: &State, search: Option<&str>, activated: Option<bool>) ->
     let installed: Vec<Uuid> = cat
         .applications
         .iter()
-        .filter_map(|a| cats.host_key_for(&a.id).map(|k| k.id))
+        .filter_map(|a| cats.installed(&a.id).map(|k| k.id))
         .collect();
     let products = cat
         .kms_items
@@ -563,7 +570,9 @@ pub fn products(state: &State, search: Option<&str>, activated: Option<bool>) ->
                 }
             }
             let key = cats.host_key_for(&item.application_id);
-            let covered = key.is_some_and(|k| k.activates(&item.id));
+            let covered = cats
+                .installed(&item.application_id)
+                .is_some_and(|k| k.activates(&item.id));
             let allowed = match policy.product_policy {
                 ProductPolicy::Open => true,
                 ProductPolicy::Strict => covered && !item.is_retail && !item.is_preview,
@@ -623,7 +632,7 @@ pub fn catalog_summary(state: &State) -> Option<CatalogSummary> {
         .applications
         .iter()
         .filter_map(|a| {
-            let key = cats.host_key_for(&a.id)?;
+            let key = cats.installed(&a.id)?;
             Some(InstalledHostKey {
                 application_id: a.id,
                 application: a.name.clone(),

@@ -687,7 +687,7 @@ async fn products_show_what_the_policy_activates() {
         r#"{{"policy": {{"product_policy": "strict", "licensed_csvlks": ["{}"]}}}}"#,
         csvlk.id
     );
-    let (status, _) = call(
+    let (status, text) = call(
         &app,
         Method::PUT,
         "/api/v1/config",
@@ -695,7 +695,7 @@ async fn products_show_what_the_policy_activates() {
         Some(&body),
     )
     .await;
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(status, StatusCode::OK, "{text}");
     let strict = get_json(&app, "/api/v1/products?activated=true").await;
     let ids: Vec<String> = strict["products"]
         .as_array()
@@ -703,19 +703,50 @@ async fn products_show_what_the_policy_activates() {
         .iter()
         .map(|p| p["kms_id"].as_str().unwrap().to_owned())
         .collect();
-    // One host key per application: Office 2010's is the one named, Windows and Office
-    // 2013+ keep the catalog's defaults (the newest keys); exactly what these three activate.
-    let data = kms_catalog::CatalogData::builtin();
-    let mut expected: Vec<String> = data
-        .applications
+    // The legacy list names only the Office 2010 key: Office 2010 gets it, the other
+    // applications get no key, so exactly what that key activates is activated (as before).
+    let mut got = ids.clone();
+    got.sort();
+    let expected: Vec<String> = csvlk.activates.iter().map(|k| k.to_string()).collect();
+    assert_eq!(got, expected);
+    let licensed: Vec<&Value> = strict["csvlks"]
+        .as_array()
+        .unwrap()
         .iter()
-        .map(|a| {
-            if a.id == kms_catalog::well_known::OFFICE_2010 {
-                data.host_key(&csvlk.id).unwrap()
-            } else {
-                data.default_host_key(&a.id).unwrap()
-            }
-        })
+        .filter(|c| c["licensed"] == true)
+        .collect();
+    assert_eq!(licensed.len(), 1);
+    // Host keys per application: the newest Windows and Office keys, Office 2010's kept.
+    let data = kms_catalog::CatalogData::builtin();
+    let (ws2025, o2024) = (
+        data.default_host_key(&kms_catalog::well_known::WINDOWS)
+            .unwrap(),
+        data.default_host_key(&kms_catalog::well_known::OFFICE_2013)
+            .unwrap(),
+    );
+    let body = format!(
+        r#"{{"policy": {{"host_keys": {{"windows": "{}", "office": "{}", "office2010": "{}"}}}}}}"#,
+        ws2025.id, o2024.id, csvlk.id
+    );
+    let (status, text) = call(
+        &app,
+        Method::PUT,
+        "/api/v1/config",
+        Some(TOKEN),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let strict = get_json(&app, "/api/v1/products?activated=true").await;
+    let mut got: Vec<String> = strict["products"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kms_id"].as_str().unwrap().to_owned())
+        .collect();
+    got.sort();
+    let mut expected: Vec<String> = [ws2025, o2024, data.host_key(&csvlk.id).unwrap()]
+        .iter()
         .flat_map(|k| k.activates.iter())
         .filter(|k| {
             data.kms_item(k)
@@ -724,17 +755,7 @@ async fn products_show_what_the_policy_activates() {
         .map(|k| k.to_string())
         .collect();
     expected.sort();
-    let mut got = ids.clone();
-    got.sort();
     assert_eq!(got, expected);
-    assert!(got.contains(&"e85af946-2e25-47b7-83e1-bebcebeac611".to_owned()));
-    let licensed: Vec<&Value> = strict["csvlks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["licensed"] == true)
-        .collect();
-    assert_eq!(licensed.len(), 3, "one installed key per application");
     let search = get_json(&app, "/api/v1/products?search=professional%20plus%202016").await;
     assert!(search["products"]
         .as_array()

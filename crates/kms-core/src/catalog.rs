@@ -25,7 +25,9 @@ pub struct CatalogUpdate {
 }
 
 /// Host keys the operator installed, by application id; an application not named uses the
-/// catalog's default (the newest installable key).
+/// catalog's default (the newest installable key); the nil id means "no host key installed
+/// for this application" (strict mode then refuses all its clients, as a genuine host with
+/// only an Office key would refuse Windows).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostKeys {
     pub keys: BTreeMap<Uuid, Uuid>,
@@ -83,13 +85,23 @@ impl CatalogState {
     }
 
     /// The host key installed for `application_id`: the configured one, else the catalog's
-    /// default.
-    pub fn host_key_for(&self, application_id: &Uuid) -> Option<&HostKeyData> {
+    /// default; `None` when the operator installed none for it (nil id).
+    pub fn installed(&self, application_id: &Uuid) -> Option<&HostKeyData> {
         let catalog = self.catalog()?;
-        self.host_keys
-            .get(application_id)
-            .and_then(|id| catalog.host_key(id))
-            .or_else(|| catalog.default_host_key(application_id))
+        match self.host_keys.get(application_id) {
+            Some(id) if id.is_nil() => None,
+            Some(id) => catalog
+                .host_key(id)
+                .or_else(|| catalog.default_host_key(application_id)),
+            None => catalog.default_host_key(application_id),
+        }
+    }
+
+    /// The key whose ePID answers clients of `application_id`: the installed one, else (open
+    /// mode with no key installed for it) the catalog's default.
+    pub fn host_key_for(&self, application_id: &Uuid) -> Option<&HostKeyData> {
+        self.installed(application_id)
+            .or_else(|| self.catalog()?.default_host_key(application_id))
     }
 
     /// Applies `InitCatalog` (only when no catalog exists) or `SetCatalog`.
@@ -116,10 +128,11 @@ impl CatalogState {
             .host_keys
             .iter()
             .filter(|(app, key)| {
-                update
-                    .catalog
-                    .host_key(key)
-                    .is_some_and(|k| k.application_id == **app)
+                key.is_nil()
+                    || update
+                        .catalog
+                        .host_key(key)
+                        .is_some_and(|k| k.application_id == **app)
             })
             .map(|(a, k)| (*a, *k))
             .collect();
@@ -148,6 +161,9 @@ impl CatalogState {
                 return Err(format!(
                     "host_keys.{app}: not an application of the catalog"
                 ));
+            }
+            if key.is_nil() {
+                continue; // no key installed for this application
             }
             match catalog.host_key(key) {
                 None => {
@@ -180,7 +196,9 @@ impl CatalogState {
     }
 
     /// Turns the legacy `licensed_csvlks` policy (one list of CSVLKs) into one host key per
-    /// application: the newest licensed key of each application. Clears the legacy list.
+    /// application: the newest licensed key of each application, and no key (nil) for the
+    /// applications the list did not cover, so strict mode keeps refusing them as before.
+    /// Clears the legacy list.
     pub(crate) fn migrate_licensed_csvlks(&mut self, policy: &mut Policy) {
         let Some(catalog) = self.catalog.clone() else {
             return;
@@ -200,8 +218,9 @@ impl CatalogState {
                 }
             }
         }
-        for (app, key) in chosen {
-            self.host_keys.insert(app, key.id);
+        for app in &catalog.applications {
+            let key = chosen.get(&app.id).map_or(Uuid::nil(), |k| k.id);
+            self.host_keys.insert(app.id, key);
         }
         policy.licensed_csvlks.clear();
     }

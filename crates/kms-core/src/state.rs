@@ -274,7 +274,13 @@ impl State {
             ));
         };
         if self.policy.product_policy == ProductPolicy::Strict {
-            strict_check(catalog, host_key, request)?;
+            let Some(installed) = self.catalog.installed(&answering_app) else {
+                return Err(refuse(
+                    HR_KMS_ID_NOT_ALLOWED,
+                    format!("no host key is installed for application {answering_app}"),
+                ));
+            };
+            strict_check(catalog, installed, request)?;
         }
         if let Some(minutes) = self.policy.max_clock_skew_minutes {
             let client = i128::from(filetime_to_unix_ms(request.request_time));

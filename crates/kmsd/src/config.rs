@@ -932,6 +932,11 @@ fn resolve_host_keys(
             }
             mapped.push(c.name);
         }
+        // Applications the list did not cover have no host key (strict refuses them, as
+        // the list did).
+        for app in [WINDOWS, OFFICE_2013, OFFICE_2010] {
+            keys.entry(app).or_insert(Uuid::nil());
+        }
         warnings.push(format!(
             "policy.licensed_csvlks (--licensed-csvlk) is deprecated: a host has one host key per \
              application; mapped [{}] to host keys {:?}; use windows_host_key, office_host_key \
@@ -961,6 +966,10 @@ fn resolve_host_keys(
         ),
     ] {
         let Some(id) = value else { continue };
+        if id.is_nil() {
+            keys.insert(app, id); // no host key installed for this application
+            continue;
+        }
         match cat.csvlk(&id) {
             Some(c) if c.application_id == app => {
                 keys.insert(app, id);
