@@ -99,6 +99,9 @@ fn wait_host_keys(nodes: &[Node], keys: &BTreeMap<Uuid, Uuid>) {
 }
 
 fn three_nodes(dir: &std::path::Path, extra: &[&str]) -> Vec<Node> {
+    for n in ["n1", "n2", "n3"] {
+        std::fs::create_dir_all(dir.join(n)).unwrap();
+    }
     let n1 = Node::start_member(&dir.join("n1"), 1, None, extra);
     let n2 = Node::start_member(&dir.join("n2"), 2, Some(&n1), extra);
     let n3 = Node::start_member(&dir.join("n3"), 3, Some(&n1), extra);
@@ -179,7 +182,8 @@ async fn strict_mode_activates_what_each_host_key_covers_through_the_cluster() {
         .iter()
         .filter(|k| k.installable && k.can_make_epid())
     {
-        let body = serde_json::json!({"policy": {"host_keys": {key.application_id.to_string(): key.id}}});
+        let body =
+            serde_json::json!({"policy": {"host_keys": {key.application_id.to_string(): key.id}}});
         let (status, v) = put_json(&nodes[client % 3], "/api/v1/config", &body.to_string());
         assert_eq!(status, 200, "{} {v}", key.name);
         wait_host_keys(&nodes, &[(key.application_id, key.id)].into());
@@ -260,7 +264,10 @@ async fn catalog_import_replicates_refuses_bad_files_and_survives_a_restart() {
     assert_eq!(code, 5, "{err}");
     assert!(err.contains("skus[3].kms_item_id"), "{err}");
     for n in &nodes {
-        assert_eq!(n.get_json("/api/v1/status")["catalog"]["source"], "built-in");
+        assert_eq!(
+            n.get_json("/api/v1/status")["catalog"]["source"],
+            "built-in"
+        );
     }
     let (code, out, err) = kmsctl(&["catalog", "import", good.to_str().unwrap()], &nodes[1]);
     assert_eq!(code, 0, "{out}{err}");
@@ -291,6 +298,9 @@ async fn catalog_import_replicates_refuses_bad_files_and_survives_a_restart() {
     }
     for n in &nodes {
         assert_eq!(n.get_json("/api/v1/status")["catalog"]["version"], "e2e.1");
-        assert!(ask(n, &s2022).await.is_ok(), "Server 2022 after the restart");
+        assert!(
+            ask(n, &s2022).await.is_ok(),
+            "Server 2022 after the restart"
+        );
     }
 }

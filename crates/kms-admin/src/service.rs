@@ -704,9 +704,40 @@ pub async fn import_catalog(
         ),
         serde_json::json!({ "version": catalog.version, "source": catalog.source }),
     );
+    // This node may apply the entry a moment later (a follower): answer from the catalog
+    // that was committed and the host keys it resolves to.
     let state_lock = backend.state();
     let state = state_lock.read().await;
-    catalog_summary(&state).ok_or_else(|| ApiError::Conflict("no catalog after the import".into()))
+    let configured = state.catalog().configured_host_keys().clone();
+    let installed = catalog
+        .applications
+        .iter()
+        .filter_map(|a| {
+            let key = match configured.get(&a.id) {
+                Some(id) if id.is_nil() => None,
+                Some(id) => catalog
+                    .host_key(id)
+                    .or_else(|| catalog.default_host_key(&a.id)),
+                None => catalog.default_host_key(&a.id),
+            }?;
+            Some(InstalledHostKey {
+                application_id: a.id,
+                application: a.name.clone(),
+                host_key_id: key.id,
+                host_key: key.name.clone(),
+                configured: configured.get(&a.id) == Some(&key.id),
+                epid: state.identity().and_then(|i| i.epids.get(&key.id).cloned()),
+            })
+        })
+        .collect();
+    Ok(CatalogSummary {
+        version: catalog.version.clone(),
+        source: catalog.source.clone(),
+        kms_items: catalog.kms_items.len(),
+        skus: catalog.skus.len(),
+        host_keys: catalog.host_keys.len(),
+        installed,
+    })
 }
 
 /// Unix ms of the latest granted activation in the registry (for the idle alert).

@@ -1071,6 +1071,66 @@ mod tests {
     }
 
     #[test]
+    fn host_keys_from_the_readme_example_and_legacy_lists() {
+        use kms_catalog::well_known::{OFFICE_2010, OFFICE_2013, WINDOWS};
+        let ws2019 = Uuid::parse_str("2e7a9ad1-a849-4b56-babe-17d5a29fe4b4").unwrap();
+        let o2016 = Uuid::parse_str("98ebfe73-2084-4c97-932c-c0cd1643bea7").unwrap();
+        // The README's [policy] example.
+        let file: FileConfig = toml::from_str(&format!(
+            "[policy]\nproduct_policy = \"strict\"\nwindows_host_key = \"{ws2019}\"\noffice_host_key = \"{o2016}\"\n"
+        ))
+        .unwrap();
+        let cfg = Config::merge(parse(&[]), file).unwrap();
+        assert_eq!(
+            cfg.host_keys,
+            [(WINDOWS, ws2019), (OFFICE_2013, o2016)].into()
+        );
+        assert!(cfg.config_warnings.is_empty());
+        let policy = cfg.policy.unwrap();
+        assert_eq!(policy.product_policy, ProductPolicy::Strict);
+        assert_eq!(policy.max_clock_skew_minutes, Some(240), "genuine default");
+        // The old list: mapped per application with a warning, uncovered ones get no key.
+        let cfg = Config::merge(
+            parse(&[
+                "--licensed-csvlk",
+                &o2016.to_string(),
+                "--licensed-csvlk",
+                &ws2019.to_string(),
+            ]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.host_keys,
+            [
+                (WINDOWS, ws2019),
+                (OFFICE_2013, o2016),
+                (OFFICE_2010, Uuid::nil())
+            ]
+            .into()
+        );
+        assert!(
+            cfg.config_warnings[0].contains("deprecated"),
+            "{:?}",
+            cfg.config_warnings
+        );
+        assert!(cfg.policy.unwrap().licensed_csvlks.is_empty());
+        // A key of another application is an error naming the setting.
+        let err = Config::merge(
+            parse(&["--windows-host-key", &o2016.to_string()]),
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("policy.windows_host_key"), "{err}");
+        let err = Config::merge(
+            parse(&["--licensed-csvlk", &Uuid::from_u128(5).to_string()]),
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("policy.licensed_csvlks"), "{err}");
+    }
+
+    #[test]
     fn defaults_give_a_working_single_node() {
         let cfg = Config::merge(parse(&[]), FileConfig::default()).unwrap();
         assert_eq!(cfg.kms_listen, default_kms_listen());
