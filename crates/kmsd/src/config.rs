@@ -939,13 +939,17 @@ fn resolve_host_keys(
         }
         warnings.push(format!(
             "policy.licensed_csvlks (--licensed-csvlk) is deprecated: a host has one host key per \
-             application; mapped [{}] to host keys {:?}; use windows_host_key, office_host_key \
+             application; mapped [{}] to host keys [{}]; use windows_host_key, office_host_key \
              and office2010_host_key instead",
             mapped.join(", "),
-            keys.values()
-                .filter_map(|k| cat.csvlk(k))
-                .map(|c| c.name)
+            keys.iter()
+                .map(|(app, k)| format!(
+                    "{}: {}",
+                    cat.application(app).map_or("?", |a| a.name),
+                    cat.csvlk(k).map_or("none", |c| c.name)
+                ))
                 .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     for (key_name, app, value) in [
