@@ -122,6 +122,8 @@ struct Csvlk {
     installable: bool,
     /// Source of the activation list (a key of the overlay's `[sources]`).
     source: String,
+    /// Newest host build the key can be installed on (0: no limit known).
+    max_host_build: u32,
 }
 
 struct Build {
@@ -397,6 +399,7 @@ fn parse(text: &str) -> Result<Data> {
                 id,
                 installable: !is_lab && !is_preview && !name.contains("Azure"),
                 source: "xml".to_owned(),
+                max_host_build: 0,
                 name,
                 group_id,
                 key_range,
@@ -617,10 +620,11 @@ fn generate(data: &Data) -> Result<String> {
             None => "None".to_owned(),
         };
         w!(
-            "    Csvlk {{ id: {}, application_id: {}, installable: {}, source: {:?}, name: {:?}, group_id: {group}, min_key_id: {}, max_key_id: {}, release_date: {}, is_lab: {}, is_preview: {}, ini_file_name: {:?}, activates: &[{}], invalid_win_builds: &[{}] }},",
+            "    Csvlk {{ id: {}, application_id: {}, installable: {}, max_host_build: {}, source: {:?}, name: {:?}, group_id: {group}, min_key_id: {}, max_key_id: {}, release_date: {}, is_lab: {}, is_preview: {}, ini_file_name: {:?}, activates: &[{}], invalid_win_builds: &[{}] }},",
             uuid_expr(&c.id),
             uuid_expr(&application),
             c.installable,
+            c.max_host_build,
             c.source,
             c.name,
             c.key_range.0,
@@ -703,6 +707,7 @@ struct OverlayHostKey {
     max_key_id: Option<u32>,
     release_date: Option<String>,
     installable: Option<bool>,
+    max_host_build: Option<u32>,
     #[allow(dead_code)]
     ids_source: Option<String>,
     source: String,
@@ -798,6 +803,9 @@ fn apply_overlay(data: &mut Data, o: &Overlay) -> Result<()> {
         }
         if let Some(i) = hk.installable {
             c.installable = i;
+        }
+        if let Some(b) = hk.max_host_build {
+            c.max_host_build = b;
         }
         c.activates = hk.activates.clone();
         c.source = hk.source.clone();

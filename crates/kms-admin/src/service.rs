@@ -386,15 +386,15 @@ fn patched_host_keys(
     if &keys == cats.configured_host_keys() {
         return Ok(None);
     }
-    let epids = match state.identity() {
+    Ok(Some(match state.identity() {
         Some(identity) => {
-            let chosen: Vec<&kms_catalog::HostKeyData> =
-                keys.values().filter_map(|k| cat.host_key(k)).collect();
-            kms_core::catalog::missing_epids(identity, cat, &chosen, now, rand::random())
+            kms_core::catalog::host_keys_update(identity, cat, keys, now, rand::random())
         }
-        None => Default::default(),
-    };
-    Ok(Some(kms_core::HostKeys { keys, epids }))
+        None => kms_core::HostKeys {
+            keys,
+            ..Default::default()
+        },
+    }))
 }
 
 /// The policy after `patch`, validated (errors name `policy.<field>`).
@@ -674,8 +674,8 @@ pub async fn import_catalog(
         let keys: Vec<&kms_catalog::HostKeyData> = catalog.host_keys.iter().collect();
         let epids = kms_core::catalog::missing_epids(
             identity,
-            &catalog,
             &keys,
+            identity.host_build,
             backend.now_ms(),
             rand::random(),
         );

@@ -50,6 +50,9 @@ pub struct Csvlk {
     pub application_id: Uuid,
     /// Whether an organisation can install it on its own host (not lab, preview, Azure-only).
     pub installable: bool,
+    /// Newest Windows build it can be installed on, per Microsoft's "CSVLK can be hosted on"
+    /// (0: no limit known).
+    pub max_host_build: u32,
     /// Source of the activation list (a key of [`SOURCES`]).
     pub source: &'static str,
     pub name: &'static str,

@@ -77,6 +77,10 @@ pub struct HostKeyData {
     /// Whether an organisation can install it (not lab, preview or Azure-only).
     #[serde(default)]
     pub installable: bool,
+    /// Newest Windows build the key can be installed on (0: no limit known): the host build
+    /// its ePID claims must not be newer.
+    #[serde(default)]
+    pub max_host_build: u32,
     /// KMS counted ids it activates.
     pub activates: Vec<Uuid>,
     #[serde(default)]
@@ -218,6 +222,7 @@ impl CatalogData {
                     max_key_id: c.max_key_id,
                     release_date: c.release_date,
                     installable: c.installable,
+                    max_host_build: c.max_host_build,
                     activates: c.activates.to_vec(),
                     source: c.source.to_owned(),
                 })

@@ -33,6 +33,10 @@ pub struct HostKeys {
     pub keys: BTreeMap<Uuid, Uuid>,
     /// ePIDs for chosen keys the identity lacks (made by the proposer).
     pub epids: BTreeMap<Uuid, String>,
+    /// A new host build for the identity when the chosen keys cannot be installed on the
+    /// current one (e.g. a Windows Server 2019 key is not hosted on Server 2025); the ePIDs
+    /// in `epids` claim it.
+    pub host_build: Option<u32>,
 }
 
 /// The catalog part of the replicated state.
@@ -190,6 +194,9 @@ impl CatalogState {
             for (id, epid) in &update.epids {
                 identity.epids.insert(*id, epid.clone());
             }
+            if let Some(build) = update.host_build {
+                identity.host_build = build;
+            }
         }
         self.host_keys = update.keys.clone();
         Ok(())
@@ -226,24 +233,54 @@ impl CatalogState {
     }
 }
 
-/// ePIDs a proposer must add so that every host key of `catalog` that can make one has a
-/// consistent ePID in `identity` (present, of the key's group, key id in its range).
+/// ePIDs a proposer must add so that every key of `keys` that can make one has a consistent
+/// ePID in `identity` (present, of the key's group, key id in its range, on `host_build`).
 pub fn missing_epids(
     identity: &HostIdentity,
-    catalog: &CatalogData,
     keys: &[&HostKeyData],
+    host_build: u32,
     now: crate::UnixMillis,
     seed: [u8; 32],
 ) -> BTreeMap<Uuid, String> {
-    let _ = catalog;
     keys.iter()
         .filter(|k| k.can_make_epid())
         .filter(|k| {
-            !identity
-                .epids
-                .get(&k.id)
-                .is_some_and(|e| crate::identity::epid_matches(e, k))
+            !identity.epids.get(&k.id).is_some_and(|e| {
+                crate::identity::epid_matches(e, k)
+                    && crate::identity::epid_build(e) == Some(host_build)
+            })
         })
-        .filter_map(|k| identity.make_epid(k, now, seed).map(|e| (k.id, e)))
+        .filter_map(|k| {
+            identity
+                .make_epid_on(k, host_build, now, seed)
+                .map(|e| (k.id, e))
+        })
         .collect()
+}
+
+/// The `SetHostKeys` a proposer sends for `keys` (application -> key, nil = none): the host
+/// build every installed key may run on and fresh ePIDs on it where needed.
+pub fn host_keys_update(
+    identity: &HostIdentity,
+    catalog: &CatalogData,
+    keys: BTreeMap<Uuid, Uuid>,
+    now: crate::UnixMillis,
+    seed: [u8; 32],
+) -> HostKeys {
+    let installed: Vec<&HostKeyData> = catalog
+        .applications
+        .iter()
+        .filter_map(|a| match keys.get(&a.id) {
+            Some(id) if id.is_nil() => None,
+            Some(id) => catalog.host_key(id),
+            None => catalog.default_host_key(&a.id),
+        })
+        .collect();
+    let build = crate::identity::host_build_for(&installed, identity.host_build);
+    let epids = missing_epids(identity, &installed, build, now, seed);
+    HostKeys {
+        keys,
+        epids,
+        host_build: (build != identity.host_build).then_some(build),
+    }
 }

@@ -113,11 +113,22 @@ impl HostIdentity {
         now: UnixMillis,
         seed: [u8; 32],
     ) -> Option<String> {
+        self.make_epid_on(key, self.host_build, now, seed)
+    }
+
+    /// [`HostIdentity::make_epid`] on another host build (host keys changing the build).
+    pub fn make_epid_on(
+        &self,
+        key: &kms_catalog::HostKeyData,
+        host_build: u32,
+        now: UnixMillis,
+        seed: [u8; 32],
+    ) -> Option<String> {
         let group = key.group_id?;
         if !key.can_make_epid() {
             return None;
         }
-        let build = catalog().win_build(self.host_build);
+        let build = catalog().win_build(host_build);
         let (platform_id, build_date) =
             build.map_or((3612, 0), |b| (b.platform_id, b.release_date));
         let now_secs = i64::try_from(now / 1000).unwrap_or(i64::MAX);
@@ -136,13 +147,43 @@ impl HostIdentity {
             key_id / 1_000_000,
             key_id % 1_000_000,
             self.lcid,
-            self.host_build,
+            host_build,
         ))
     }
 
     /// The HWID as 16 uppercase hex digits in byte order (as vlmcs prints it).
     pub fn hwid_hex(&self) -> String {
         self.hwid.iter().map(|b| format!("{b:02X}")).collect()
+    }
+}
+
+/// The host build an ePID claims (`...-BUILD.0000-...`).
+pub fn epid_build(epid: &str) -> Option<u32> {
+    epid.split('-')
+        .nth(6)
+        .and_then(|b| b.strip_suffix(".0000"))
+        .and_then(|b| b.parse().ok())
+}
+
+/// The host build a host with `keys` installed can claim: `current` when every key may be
+/// installed on it, else the newest server ePID build none of them excludes (Microsoft's
+/// "CSVLK can be hosted on"; `max_host_build`). Proposer side (reads the compiled-in builds).
+pub fn host_build_for(keys: &[&kms_catalog::HostKeyData], current: u32) -> u32 {
+    let limit = keys
+        .iter()
+        .map(|k| k.max_host_build)
+        .filter(|b| *b > 0)
+        .min();
+    match limit {
+        None => current,
+        Some(l) if current <= l => current,
+        Some(l) => catalog()
+            .win_builds()
+            .iter()
+            .filter(|b| b.use_for_epid && b.may_be_server && b.build <= l)
+            .map(|b| b.build)
+            .max()
+            .unwrap_or(current),
     }
 }
 

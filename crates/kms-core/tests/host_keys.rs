@@ -55,6 +55,7 @@ fn install(s: &mut State, app: Uuid, key: Uuid) {
         s.apply(&Command::SetHostKeys(HostKeys {
             keys: [(app, key)].into(),
             epids: BTreeMap::new(),
+            host_build: None,
         })),
         CommandResult::HostKeys(Ok(()))
     );
@@ -388,4 +389,48 @@ fn set_catalog_changes_decisions_and_survives_snapshots() {
         CommandResult::Catalog(Ok(false))
     );
     assert_eq!(restored.catalog().catalog().unwrap().version, "test.2");
+}
+
+/// The ePIDs claim a host build every installed key can run on: a Windows Server 2019 key is
+/// not hosted on Server 2025 (Microsoft's "CSVLK can be hosted on"), so installing it moves
+/// the host to build 17763 and renews the installed keys' ePIDs on it, one build for all.
+#[test]
+fn host_build_follows_the_installed_keys() {
+    let catalog = CatalogData::builtin();
+    let generated = HostIdentity::generate(T0, [3; 32]);
+    assert_eq!(generated.host_build, 26100);
+    let mut s = State::default();
+    s.apply(&Command::InitIdentity(generated.clone()));
+    s.apply(&Command::InitCatalog(CatalogUpdate {
+        catalog: catalog.clone(),
+        epids: BTreeMap::new(),
+    }));
+    let update = kms_core::catalog::host_keys_update(
+        &generated,
+        &catalog,
+        [(WINDOWS, WS2019), (OFFICE_2013, OFFICE2016)].into(),
+        T0,
+        [4; 32],
+    );
+    assert_eq!(update.host_build, Some(17763));
+    assert_eq!(
+        update.epids.keys().copied().collect::<BTreeSet<_>>(),
+        [WS2019, OFFICE2016, OFFICE2010].into()
+    );
+    assert_eq!(
+        s.apply(&Command::SetHostKeys(update)),
+        CommandResult::HostKeys(Ok(()))
+    );
+    let identity = s.identity().unwrap().clone();
+    assert_eq!(identity.host_build, 17763);
+    for key in [WS2019, OFFICE2016, OFFICE2010] {
+        let epid = &identity.epids[&key];
+        assert!(epid.contains("-17763.0000-"), "{epid}");
+        kms_core::identity::validate_epid(epid).unwrap();
+    }
+    // Back to the newest keys: the build may stay (2025 keys are hosted on 2019 too).
+    let update =
+        kms_core::catalog::host_keys_update(&identity, &catalog, BTreeMap::new(), T0, [5; 32]);
+    assert_eq!(update.host_build, None);
+    assert!(update.epids.contains_key(&WS2025), "{:?}", update.epids);
 }

@@ -328,6 +328,7 @@ fn strict_policy_grants_what_the_installed_host_keys_activate() {
         s.apply(&Command::SetHostKeys(HostKeys {
             keys: [(WINDOWS, CSVLK_WINDOWS_SERVER_2025)].into(),
             epids: BTreeMap::new(),
+            host_build: None,
         })),
         CommandResult::HostKeys(Ok(()))
     );
@@ -342,6 +343,7 @@ fn strict_policy_grants_what_the_installed_host_keys_activate() {
         s.apply(&Command::SetHostKeys(HostKeys {
             keys: [(WINDOWS, CSVLK_OFFICE_2016)].into(),
             epids: BTreeMap::new(),
+            host_build: None,
         })),
         CommandResult::HostKeys(Err(_))
     ));

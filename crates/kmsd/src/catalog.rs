@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use kms_catalog::{CatalogData, HostKeyData};
-use kms_core::catalog::missing_epids;
+use kms_core::catalog::{host_keys_update, missing_epids};
 use kms_core::{CatalogUpdate, Command, CommandResult, HostIdentity, HostKeys, State};
 use uuid::Uuid;
 
@@ -23,17 +23,32 @@ fn wall_clock_ms() -> u64 {
 /// consistent ePID for.
 pub fn update_for(identity: &HostIdentity, catalog: CatalogData) -> CatalogUpdate {
     let keys: Vec<&HostKeyData> = catalog.host_keys.iter().collect();
-    let epids = missing_epids(identity, &catalog, &keys, wall_clock_ms(), rand::random());
+    let epids = missing_epids(
+        identity,
+        &keys,
+        identity.host_build,
+        wall_clock_ms(),
+        rand::random(),
+    );
     CatalogUpdate { catalog, epids }
 }
 
-/// ePIDs the identity needs for `keys` (chosen host keys of the replicated catalog).
-pub fn epids_for_keys(state: &State, keys: &BTreeMap<Uuid, Uuid>) -> BTreeMap<Uuid, String> {
+/// The `SetHostKeys` for `keys`, or `None` when nothing would change.
+pub fn host_keys_for(state: &State, keys: &BTreeMap<Uuid, Uuid>) -> Option<HostKeys> {
     let (Some(identity), Some(catalog)) = (state.identity(), state.catalog().catalog()) else {
-        return BTreeMap::new();
+        return None;
     };
-    let chosen: Vec<&HostKeyData> = keys.values().filter_map(|k| catalog.host_key(k)).collect();
-    missing_epids(identity, catalog, &chosen, wall_clock_ms(), rand::random())
+    let update = host_keys_update(
+        identity,
+        catalog,
+        keys.clone(),
+        wall_clock_ms(),
+        rand::random(),
+    );
+    let same = state.catalog().configured_host_keys() == keys
+        && update.epids.is_empty()
+        && update.host_build.is_none();
+    (!same).then_some(update)
 }
 
 /// Waits until the replicated state has a catalog, proposing the built-in one (only applied if
@@ -71,21 +86,12 @@ pub async fn ensure_catalog(
 
 /// Proposes the configured host keys when they differ from the replicated ones.
 pub async fn apply_host_keys(engine: &Engine, keys: &BTreeMap<Uuid, Uuid>) -> anyhow::Result<()> {
-    let (same, epids) = {
-        let state = engine.state().read().await;
-        (
-            state.catalog().configured_host_keys() == keys,
-            epids_for_keys(&state, keys),
-        )
-    };
-    if same && epids.is_empty() {
+    let update = host_keys_for(&*engine.state().read().await, keys);
+    let Some(update) = update else {
         return Ok(());
-    }
+    };
     let result = engine
-        .propose(Command::SetHostKeys(HostKeys {
-            keys: keys.clone(),
-            epids,
-        }))
+        .propose(Command::SetHostKeys(update))
         .await
         .context("proposing the configured host keys")?;
     match result {
