@@ -172,6 +172,10 @@ async fn strict_mode_activates_what_each_host_key_covers_through_the_cluster() {
     assert_eq!(epids.len(), 2);
     for (app, set) in &epids {
         assert_eq!(set.len(), 1, "one ePID for application {app}: {set:?}");
+        // A Windows Server 2019 key is hosted on Server 2019 at the newest: every ePID
+        // claims build 17763.
+        let epid = set.iter().next().unwrap();
+        assert!(epid.contains("-17763.0000-"), "{epid}");
     }
 
     // Every installable host key group of the catalog, installed at run time: what it must
