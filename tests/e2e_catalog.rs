@@ -27,7 +27,10 @@ struct Req {
 /// A request for KMS id `kms` of `catalog` (first edition of it).
 fn template(catalog: &CatalogData, kms: Uuid) -> Req {
     let item = catalog.kms_item(&kms).expect("KMS id");
-    let sku = catalog.skus.iter().find(|s| s.kms_item_id == kms);
+    let sku = catalog
+        .skus
+        .iter()
+        .find(|s| s.kms_item_id == kms && !s.is_preview);
     // The template wants catalog references; build the request from the compiled-in tables
     // when the edition is there, else patch the ids afterwards.
     let cat = kms_catalog::catalog();

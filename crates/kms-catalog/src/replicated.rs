@@ -51,6 +51,9 @@ pub struct SkuData {
     pub kms_item_id: Uuid,
     #[serde(default)]
     pub gvlk: Option<String>,
+    /// A preview (Insider, pre-release) edition inside a volume group: strict mode refuses it.
+    #[serde(default)]
+    pub is_preview: bool,
     #[serde(default)]
     pub source: String,
 }
@@ -206,6 +209,8 @@ impl CatalogData {
                     name: s.name.to_owned(),
                     kms_item_id: s.kms_item_id,
                     gvlk: s.gvlk.map(str::to_owned),
+                    // The community file marks preview editions in their names only.
+                    is_preview: s.name.contains("Preview"),
                     source: s.source.to_owned(),
                 })
                 .collect(),

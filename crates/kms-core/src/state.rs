@@ -120,6 +120,12 @@ fn strict_check(
         ));
     }
     if let Some(sku) = catalog.sku(&request.sku_id) {
+        if sku.is_preview {
+            return Err(refuse(
+                HR_KMS_ID_NOT_ALLOWED,
+                format!("{} is a preview edition", sku.name),
+            ));
+        }
         if sku.kms_item_id != kms {
             return Err(refuse(
                 HR_KMS_ID_NOT_ALLOWED,

@@ -66,7 +66,7 @@ fn request(catalog: &CatalogData, kms: Uuid, client: u128) -> ActivationRequest 
     let sku = catalog
         .skus
         .iter()
-        .find(|s| s.kms_item_id == kms)
+        .find(|s| s.kms_item_id == kms && !s.is_preview)
         .map_or(Uuid::nil(), |s| s.id);
     ActivationRequest {
         application_id: item.application_id,
@@ -322,7 +322,15 @@ fn defaults_answer_with_one_epid_per_application() {
         .find(|x| x.kms_item_id == K_O2016)
         .unwrap()
         .id;
-    for req in [wrong_app, unknown, wrong_sku] {
+    // An Insider Preview edition inside the Windows 10/11 volume group.
+    let mut preview = request(&catalog, K_W10, 903);
+    preview.sku_id = catalog
+        .skus
+        .iter()
+        .find(|x| x.kms_item_id == K_W10 && x.is_preview)
+        .unwrap()
+        .id;
+    for req in [wrong_app, unknown, wrong_sku, preview] {
         match outcome(&mut s, req) {
             ActivationOutcome::Refused(r) => assert_eq!(r.hresult, HR_KMS_ID_NOT_ALLOWED),
             ActivationOutcome::Granted(g) => panic!("granted {g:?}"),
