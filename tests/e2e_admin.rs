@@ -480,18 +480,19 @@ async fn kmsctl_admin_subcommands_output_and_exit_codes() {
     // config get / set.
     let out = ok(&["config", "get"]);
     assert!(out.contains("activation_interval      = 120"), "{out}");
-    assert!(out.contains("max_clock_skew_minutes   = off"), "{out}");
+    // On by default, like a genuine host (4 hours).
+    assert!(out.contains("max_clock_skew_minutes   = 240"), "{out}");
     let out = ok(&[
         "config",
         "set",
         "activation_interval=60",
-        "max_clock_skew_minutes=240",
+        "max_clock_skew_minutes=300",
     ]);
     assert!(out.contains("configuration updated"), "{out}");
     assert!(out.contains("activation_interval      = 60"), "{out}");
     let v: Value = serde_json::from_str(&ok(&["config", "get", "--json"])).unwrap();
     assert_eq!(v["policy"]["activation_interval"], 60);
-    assert_eq!(v["policy"]["max_clock_skew_minutes"], 240);
+    assert_eq!(v["policy"]["max_clock_skew_minutes"], 300);
     let (code, _, err) = kmsctl(&["config", "set", "renewal_interval=1"], &url, Some(TOKEN));
     assert_eq!(code, 5, "{err}");
     assert!(err.contains("policy.renewal_interval"), "{err}");

@@ -100,6 +100,7 @@ fn api_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(get_events))
         .routes(routes!(get_config, put_config))
         .routes(routes!(get_products))
+        .routes(routes!(get_catalog, put_catalog))
         .routes(routes!(get_openapi))
         .split_for_parts()
 }
@@ -492,6 +493,61 @@ async fn get_products(
     let state_lock = s.backend.state();
     let response = service::products(&*state_lock.read().await, search.as_deref(), activated);
     Ok(Json(response))
+}
+
+/// Largest catalog `PUT /api/v1/catalog` accepts.
+pub const MAX_CATALOG_BYTES: usize = 8 * 1024 * 1024;
+
+/// The whole replicated product catalog as JSON: applications, KMS ids, editions (SKUs with
+/// GVLKs) and host keys with what each activates and the source of each fact. The format
+/// `PUT /api/v1/catalog` takes.
+#[utoipa::path(
+    get, path = "/api/v1/catalog", tag = "products",
+    responses(
+        (status = 200, description = "The replicated catalog", content_type = "application/json"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No catalog replicated yet", body = ErrorBody)
+    )
+)]
+async fn get_catalog(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let state_lock = s.backend.state();
+    let shared = state_lock.read().await.catalog().shared();
+    let Some(catalog) = shared else {
+        return Err(ApiError::NotFound("no catalog replicated yet".into()));
+    };
+    Ok(Json(&*catalog).into_response())
+}
+
+/// Replaces the product catalog in the whole cluster. The file is validated whole first: a
+/// bad one is refused with 400 naming the field (e.g. `host_keys[3].activates[0]`) and
+/// nothing changes.
+#[utoipa::path(
+    put, path = "/api/v1/catalog", tag = "products",
+    request_body(content = String, description = "A catalog in the format of GET /api/v1/catalog", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Catalog replicated", body = CatalogSummary),
+        (status = 400, description = "Invalid catalog; `field` names the problem", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 503, description = "Not the leader / no quorum", body = ErrorBody)
+    )
+)]
+async fn put_catalog(
+    State(s): State<AppState>,
+    body: axum::body::Body,
+) -> Result<Json<CatalogSummary>, ApiError> {
+    let bytes = axum::body::to_bytes(body, MAX_CATALOG_BYTES)
+        .await
+        .map_err(|e| {
+            ApiError::invalid(
+                "body",
+                format!("cannot read the body (at most {MAX_CATALOG_BYTES} bytes): {e}"),
+            )
+        })?;
+    let catalog: kms_catalog::CatalogData =
+        crate::extract::parse_json_limited(&bytes, MAX_CATALOG_BYTES)?;
+    Ok(Json(
+        service::import_catalog(s.backend.as_ref(), catalog).await?,
+    ))
 }
 
 /// This OpenAPI document.

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::catalog::{CatalogUpdate, HostKeys};
 use crate::security::{SecurityCommand, SecurityError};
 use crate::{HostIdentity, Policy, UnixMillis};
 
@@ -52,6 +53,13 @@ pub enum Command {
     Expire { now: UnixMillis },
     /// Changes the cluster's security state (CA, node certificates, join tokens).
     Security(SecurityCommand),
+    /// Installs the product catalog if the cluster has none yet (the compiled-in default,
+    /// proposed after the identity; later ones are ignored, like `InitIdentity`).
+    InitCatalog(CatalogUpdate),
+    /// Replaces the product catalog (an operator's import), validated again by `apply`.
+    SetCatalog(CatalogUpdate),
+    /// Names the installed host key per application.
+    SetHostKeys(HostKeys),
 }
 
 /// A successful answer to one activation request.
@@ -95,4 +103,9 @@ pub enum CommandResult {
     Expired { clients: usize, cmids: usize },
     /// A security command applied, or why it was refused (nothing changed then).
     Security(Result<(), SecurityError>),
+    /// Catalog installed (`Ok(true)`), already present for `InitCatalog` (`Ok(false)`), or
+    /// refused with the reason (nothing changed).
+    Catalog(Result<bool, String>),
+    /// Host keys set, or refused with the reason.
+    HostKeys(Result<(), String>),
 }

@@ -5,6 +5,7 @@
 //! (the host identity) travel inside the command. The same sequence of commands therefore
 //! produces the same state on every node, which is what the Raft layer relies on.
 
+pub mod catalog;
 pub mod command;
 pub mod counting;
 pub mod identity;
@@ -15,6 +16,7 @@ pub mod state;
 pub mod stats;
 pub mod text;
 
+pub use catalog::{CatalogState, CatalogUpdate, HostKeys};
 pub use command::{ActivationOutcome, ActivationRequest, Command, CommandResult, Grant, Refusal};
 pub use identity::HostIdentity;
 pub use policy::{Policy, PolicyError};

@@ -54,8 +54,11 @@ enum Cmd {
     /// Replicated configuration: `get` or `set KEY=VALUE ...`.
     #[command(subcommand)]
     Config(admin_cmd::ConfigCmd),
-    /// Product catalog and which products the current policy activates.
+    /// Product catalog: each product group, whether it activates and through which host key.
     Products(admin_cmd::ProductsArgs),
+    /// The replicated catalog: `show`, `export`, `import FILE`.
+    #[command(subcommand)]
+    Catalog(admin_cmd::CatalogCmd),
     /// Act as a KMS client: send activation requests and verify every answer like vlmcs.
     Activate(ActivateArgs),
     /// Generate a bounded activation load and report throughput and latency.
@@ -304,6 +307,7 @@ fn main() -> ExitCode {
             Cmd::Events(args) => admin_cmd::events(args).await,
             Cmd::Config(cmd) => admin_cmd::config(cmd).await,
             Cmd::Products(args) => admin_cmd::products(args).await,
+            Cmd::Catalog(cmd) => admin_cmd::catalog(cmd).await,
             Cmd::Activate(args) => activate(args).await,
             Cmd::Bench(args) => run_bench(args).await,
             Cmd::Discover(args) => run_discover(args).await,

@@ -391,7 +391,32 @@ pub struct Cli {
     )]
     pub product_policy: Option<ProductPolicyArg>,
 
-    /// Licensed CSVLK ids, repeatable [policy.licensed_csvlks] (see `kmsctl products`).
+    /// Installed Windows KMS host key group (CSVLK activation id) [policy.windows_host_key]
+    /// (default: the newest in the catalog, Windows Server 2025; see `kmsctl products`).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_WINDOWS_HOST_KEY",
+        value_name = "GUID"
+    )]
+    pub windows_host_key: Option<Uuid>,
+
+    /// Installed Office 2013+ KMS host key group [policy.office_host_key] (default: newest,
+    /// Office LTSC 2024).
+    #[arg(global = true, long, env = "KMSD_OFFICE_HOST_KEY", value_name = "GUID")]
+    pub office_host_key: Option<Uuid>,
+
+    /// Installed Office 2010 KMS host key group [policy.office2010_host_key].
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_OFFICE2010_HOST_KEY",
+        value_name = "GUID"
+    )]
+    pub office2010_host_key: Option<Uuid>,
+
+    /// Deprecated: licensed CSVLK ids [policy.licensed_csvlks]; each is mapped to the host key
+    /// of its application (the newest one listed wins) with a warning.
     #[arg(
         long = "licensed-csvlk",
         env = "KMSD_LICENSED_CSVLKS",
@@ -596,6 +621,9 @@ pub struct PolicySection {
     pub renewal_interval: Option<u32>,
     pub product_policy: Option<ProductPolicyArg>,
     pub licensed_csvlks: Option<Vec<Uuid>>,
+    pub windows_host_key: Option<Uuid>,
+    pub office_host_key: Option<Uuid>,
+    pub office2010_host_key: Option<Uuid>,
     pub max_clock_skew_minutes: Option<u32>,
     pub client_networks: Option<Vec<IpNet>>,
     pub registry_retention_days: Option<u32>,
@@ -668,6 +696,10 @@ pub struct Config {
     pub group_commit_max: usize,
     /// Policy to enforce at start-up, when the file or flags name any policy key.
     pub policy: Option<Policy>,
+    /// Host key per application id named by the configuration (others: catalog default).
+    pub host_keys: std::collections::BTreeMap<Uuid, Uuid>,
+    /// Warnings about deprecated settings, logged once logging is up.
+    pub config_warnings: Vec<String>,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -809,7 +841,9 @@ impl Config {
     }
 
     pub fn merge(cli: Cli, file: FileConfig) -> Result<Self, ConfigError> {
-        let policy = resolve_policy(&cli_policy_section(&cli), file.policy.as_ref())?;
+        let cli_section = cli_policy_section(&cli);
+        let (host_keys, config_warnings) = resolve_host_keys(&cli_section, file.policy.as_ref())?;
+        let policy = resolve_policy(&cli_section, file.policy.as_ref())?;
         let raft_listen = cli
             .raft_listen
             .or(file.raft.listen)
@@ -1296,6 +1330,8 @@ impl Config {
                 .unwrap_or(1000),
             group_commit_max,
             policy,
+            host_keys,
+            config_warnings,
             log_format: cli.log_format.or(file.log.format).unwrap_or_default(),
             log_level: cli
                 .log_level
@@ -1419,10 +1455,113 @@ fn cli_policy_section(cli: &Cli) -> PolicySection {
         renewal_interval: cli.renewal_interval,
         product_policy: cli.product_policy,
         licensed_csvlks: (!cli.licensed_csvlks.is_empty()).then(|| cli.licensed_csvlks.clone()),
+        windows_host_key: cli.windows_host_key,
+        office_host_key: cli.office_host_key,
+        office2010_host_key: cli.office2010_host_key,
         max_clock_skew_minutes: cli.max_clock_skew_minutes,
         client_networks: None,
         registry_retention_days: cli.registry_retention_days,
     }
+}
+
+/// Host keys per application from the configuration: the explicit keys, plus the legacy
+/// `licensed_csvlks` mapped to the newest listed key of each application (with a warning).
+/// Checked against the compiled-in catalog (the replicated one re-checks in `apply`).
+fn resolve_host_keys(
+    cli: &PolicySection,
+    file: Option<&PolicySection>,
+) -> Result<(std::collections::BTreeMap<Uuid, Uuid>, Vec<String>), ConfigError> {
+    use kms_catalog::well_known::{OFFICE_2010, OFFICE_2013, WINDOWS};
+    let empty = PolicySection::default();
+    let file = file.unwrap_or(&empty);
+    let cat = kms_catalog::catalog();
+    let mut keys = std::collections::BTreeMap::new();
+    let mut warnings = Vec::new();
+    if let Some(legacy) = cli
+        .licensed_csvlks
+        .clone()
+        .or_else(|| file.licensed_csvlks.clone())
+    {
+        let mut mapped = Vec::new();
+        for id in &legacy {
+            let Some(c) = cat.csvlk(id).filter(|c| !c.application_id.is_nil()) else {
+                return Err(ConfigError::Invalid {
+                    key: "policy.licensed_csvlks",
+                    message: format!("{id} is not a KMS host key of the catalog"),
+                });
+            };
+            let newer = keys
+                .get(&c.application_id)
+                .and_then(|k| cat.csvlk(k))
+                .is_none_or(|old| old.release_date < c.release_date);
+            if newer {
+                keys.insert(c.application_id, c.id);
+            }
+            mapped.push(c.name);
+        }
+        // Applications the list did not cover have no host key (strict refuses them, as
+        // the list did).
+        for app in [WINDOWS, OFFICE_2013, OFFICE_2010] {
+            keys.entry(app).or_insert(Uuid::nil());
+        }
+        warnings.push(format!(
+            "policy.licensed_csvlks (--licensed-csvlk) is deprecated: a host has one host key per \
+             application; mapped [{}] to host keys [{}]; use windows_host_key, office_host_key \
+             and office2010_host_key instead",
+            mapped.join(", "),
+            keys.iter()
+                .map(|(app, k)| format!(
+                    "{}: {}",
+                    cat.application(app).map_or("?", |a| a.name),
+                    cat.csvlk(k).map_or("none", |c| c.name)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    for (key_name, app, value) in [
+        (
+            "policy.windows_host_key",
+            WINDOWS,
+            cli.windows_host_key.or(file.windows_host_key),
+        ),
+        (
+            "policy.office_host_key",
+            OFFICE_2013,
+            cli.office_host_key.or(file.office_host_key),
+        ),
+        (
+            "policy.office2010_host_key",
+            OFFICE_2010,
+            cli.office2010_host_key.or(file.office2010_host_key),
+        ),
+    ] {
+        let Some(id) = value else { continue };
+        if id.is_nil() {
+            keys.insert(app, id); // no host key installed for this application
+            continue;
+        }
+        match cat.csvlk(&id) {
+            Some(c) if c.application_id == app => {
+                keys.insert(app, id);
+            }
+            Some(c) => {
+                return Err(ConfigError::Invalid {
+                    key: key_name,
+                    message: format!("{id} ({}) is a host key of another application", c.name),
+                })
+            }
+            None => {
+                return Err(ConfigError::Invalid {
+                    key: key_name,
+                    message: format!(
+                        "{id} is not a KMS host key of the catalog (see `kmsctl products`)"
+                    ),
+                })
+            }
+        }
+    }
+    Ok((keys, warnings))
 }
 
 fn section_is_empty(s: &PolicySection) -> bool {
@@ -1447,7 +1586,11 @@ fn resolve_policy(
         return Ok(None);
     }
     let defaults = Policy::default();
-    let skew = cli.max_clock_skew_minutes.or(file.max_clock_skew_minutes);
+    // Not given: the genuine host's 4 hours; 0 switches the check off.
+    let skew = cli
+        .max_clock_skew_minutes
+        .or(file.max_clock_skew_minutes)
+        .or(defaults.max_clock_skew_minutes);
     let policy = Policy {
         activation_interval: cli
             .activation_interval
@@ -1461,11 +1604,8 @@ fn resolve_policy(
             Some(ProductPolicyArg::Strict) => ProductPolicy::Strict,
             Some(ProductPolicyArg::Open) | None => ProductPolicy::Open,
         },
-        licensed_csvlks: cli
-            .licensed_csvlks
-            .clone()
-            .or_else(|| file.licensed_csvlks.clone())
-            .unwrap_or_default(),
+        // Mapped to host keys by `resolve_host_keys`; never replicated as a list again.
+        licensed_csvlks: Vec::new(),
         max_clock_skew_minutes: skew.filter(|m| *m != 0),
         client_networks: cli
             .client_networks
@@ -1499,6 +1639,66 @@ mod tests {
         let mut all = vec!["kmsd"];
         all.extend_from_slice(args);
         Cli::try_parse_from(all).expect("valid command line")
+    }
+
+    #[test]
+    fn host_keys_from_the_readme_example_and_legacy_lists() {
+        use kms_catalog::well_known::{OFFICE_2010, OFFICE_2013, WINDOWS};
+        let ws2019 = Uuid::parse_str("2e7a9ad1-a849-4b56-babe-17d5a29fe4b4").unwrap();
+        let o2016 = Uuid::parse_str("98ebfe73-2084-4c97-932c-c0cd1643bea7").unwrap();
+        // The README's [policy] example.
+        let file: FileConfig = toml::from_str(&format!(
+            "[policy]\nproduct_policy = \"strict\"\nwindows_host_key = \"{ws2019}\"\noffice_host_key = \"{o2016}\"\n"
+        ))
+        .unwrap();
+        let cfg = Config::merge(parse(&[]), file).unwrap();
+        assert_eq!(
+            cfg.host_keys,
+            [(WINDOWS, ws2019), (OFFICE_2013, o2016)].into()
+        );
+        assert!(cfg.config_warnings.is_empty());
+        let policy = cfg.policy.unwrap();
+        assert_eq!(policy.product_policy, ProductPolicy::Strict);
+        assert_eq!(policy.max_clock_skew_minutes, Some(240), "genuine default");
+        // The old list: mapped per application with a warning, uncovered ones get no key.
+        let cfg = Config::merge(
+            parse(&[
+                "--licensed-csvlk",
+                &o2016.to_string(),
+                "--licensed-csvlk",
+                &ws2019.to_string(),
+            ]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.host_keys,
+            [
+                (WINDOWS, ws2019),
+                (OFFICE_2013, o2016),
+                (OFFICE_2010, Uuid::nil())
+            ]
+            .into()
+        );
+        assert!(
+            cfg.config_warnings[0].contains("deprecated"),
+            "{:?}",
+            cfg.config_warnings
+        );
+        assert!(cfg.policy.unwrap().licensed_csvlks.is_empty());
+        // A key of another application is an error naming the setting.
+        let err = Config::merge(
+            parse(&["--windows-host-key", &o2016.to_string()]),
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("policy.windows_host_key"), "{err}");
+        let err = Config::merge(
+            parse(&["--licensed-csvlk", &Uuid::from_u128(5).to_string()]),
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("policy.licensed_csvlks"), "{err}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod admin_backend;
+pub mod catalog;
 pub mod config;
 pub mod dns;
 pub mod edge;

@@ -49,6 +49,9 @@ fn main() -> ExitCode {
             } else {
                 format!("{:?}", config.allow_networks)
             };
+            for warning in &config.config_warnings {
+                eprintln!("kmsd: warning: {warning}");
+            }
             println!(
                 "configuration ok: node {} data {} kms {:?} clients {} admin {} (token {}) raft {} (heartbeat {} ms, election timeout {}-{} ms) join {:?} dns targets {}\nraft transport: {}",
                 config.node_id,

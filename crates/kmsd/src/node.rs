@@ -243,6 +243,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         build = identity.host_build,
         "host identity ready"
     );
+    for warning in &config.config_warnings {
+        tracing::warn!("{warning}");
+    }
+    crate::catalog::ensure_catalog(&engine, &identity, Duration::from_secs(120)).await?;
+    crate::catalog::check_rpc_features(&identity, config.ndr64, config.btfn);
     if matches!(
         config.raft_security,
         crate::config::RaftSecurity::ClusterPki
@@ -271,6 +276,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             ),
             Err(e) => return Err(e.into()),
         }
+    }
+
+    if !config.host_keys.is_empty() {
+        crate::catalog::apply_host_keys(&engine, &config.host_keys).await?;
     }
 
     let kms = KmsService::new(
