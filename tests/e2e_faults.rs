@@ -18,14 +18,6 @@ use std::time::{Duration, Instant};
 use checker::CheckConfig;
 use suite::{Cluster, Nemesis, Workload};
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
 fn check_config() -> CheckConfig {
     CheckConfig {
         client_timeout_ms: suite::CLIENT_TIMEOUT.as_millis() as u64 + 1_000,
@@ -40,19 +32,26 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The workload really ran: at least `min` verified answers.
+fn assert_acknowledged(ops: &[checker::Op], min: usize) {
+    let acked = ops
+        .iter()
+        .filter(|o| matches!(o.outcome, checker::Outcome::Ok { .. }))
+        .count();
+    let sample: Vec<_> = ops.iter().rev().take(3).map(|o| &o.outcome).collect();
+    assert!(
+        acked >= min,
+        "only {acked} of {} requests answered (last: {sample:?})",
+        ops.len()
+    );
+}
+
 /// Runs a schedule and asserts the checker's verdict and every recovery.
 fn run_and_check(seed: u64, schedule: &[(Nemesis, Duration)], recovery_limit: Duration) {
-    let rt = runtime();
     let mut cluster = Cluster::start(3, &[]);
+    let rt = cluster.lab.client_runtime();
     let started = Instant::now();
-    let result = suite::run_schedule(
-        &mut cluster,
-        &rt,
-        seed,
-        schedule,
-        Duration::from_secs(2),
-        4,
-    );
+    let result = suite::run_schedule(&mut cluster, &rt, seed, schedule, Duration::from_secs(2), 4);
     let report = checker::check(&result.history, &result.finals, check_config());
     eprintln!(
         "seed {seed}: {} faults in {:?}; {}",
@@ -127,8 +126,8 @@ fn soak_random_faults() {
 #[test]
 #[ignore = "needs root and nftables: run tests/faults/run.sh"]
 fn slow_rejoin_follower_back_within_3s_of_heal() {
-    let rt = runtime();
     let mut cluster = Cluster::start(3, &[]);
+    let rt = cluster.lab.client_runtime();
     let (leader, _) = cluster.wait_leader(Duration::from_secs(30));
     let follower = if leader == 1 { 2 } else { 1 };
     // Traffic through every node, so the leader has AppendEntries in flight at the cut.
@@ -136,7 +135,13 @@ fn slow_rejoin_follower_back_within_3s_of_heal() {
     std::thread::sleep(Duration::from_secs(3));
     cluster
         .lab
-        .cut(follower, &[1, 2, 3].into_iter().filter(|i| *i != follower).collect::<Vec<_>>())
+        .cut(
+            follower,
+            &[1, 2, 3]
+                .into_iter()
+                .filter(|i| *i != follower)
+                .collect::<Vec<_>>(),
+        )
         .expect("isolate the follower");
     std::thread::sleep(Duration::from_secs(15));
     cluster.lab.heal().expect("heal");
@@ -154,6 +159,7 @@ fn slow_rejoin_follower_back_within_3s_of_heal() {
         "follower {follower} back {back:?} after the heal; {} requests",
         ops.len()
     );
+    assert_acknowledged(&ops, 100);
     let back = back.expect("the follower never came back within 30 s");
     assert!(
         back <= Duration::from_secs(3),
@@ -167,8 +173,8 @@ fn slow_rejoin_follower_back_within_3s_of_heal() {
 #[test]
 #[ignore = "needs root and nftables: run tests/faults/run.sh"]
 fn rejoining_follower_does_not_depose_the_leader() {
-    let rt = runtime();
     let mut cluster = Cluster::start(3, &[]);
+    let rt = cluster.lab.client_runtime();
     let (leader, term) = cluster.wait_leader(Duration::from_secs(30));
     let follower = if leader == 1 { 2 } else { 1 };
     let workload = Workload::start(&rt, &cluster, 2, 8, Duration::from_millis(50), 100_000);
@@ -183,8 +189,9 @@ fn rejoining_follower_does_not_depose_the_leader() {
     cluster.lab.heal().expect("heal");
     let healed = cluster.wait_healthy(Duration::from_secs(30));
     let after = cluster.leader();
-    let _ = workload.finish(&rt);
+    let ops = workload.finish(&rt);
     cluster.stop();
+    assert_acknowledged(&ops, 50);
     eprintln!(
         "leader {leader} term {term}; isolated follower {follower} reached term {cut_term}; \
          after the heal ({healed:?}): {after:?}"

@@ -645,10 +645,7 @@ mod self_test {
         }
         assert_eq!(kinds(&h, &f), ["count-mismatch"].into());
         // Past the capacity the count stays at the capacity.
-        let cfg = CheckConfig {
-            capacity: 8,
-            ..CFG
-        };
+        let cfg = CheckConfig { capacity: 8, ..CFG };
         let mut f = good_finals(&h);
         for n in &mut f {
             n.counts.insert("Windows".into(), 8);

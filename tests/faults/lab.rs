@@ -10,8 +10,11 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -21,7 +24,26 @@ pub const KMS_PORT: u16 = 1688;
 pub const ADMIN_PORT: u16 = 8080;
 pub const RAFT_PORT: u16 = 7000;
 pub const CLIENT_IP: &str = "10.77.0.100";
+/// Admin token of every node (an admin API on a non-loopback address needs one).
+pub const ADMIN_TOKEN: &str = "faults-lab-admin-token";
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// (device, inode) of every client namespace a lab of this process created.
+static CLIENT_NAMESPACES: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+static LABS: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether the calling thread is inside a lab's client namespace. Every connection the suite
+/// makes checks this first: from the host's namespace, 10.77.0.x would follow its default
+/// route off the machine, so nothing is sent from there.
+pub fn in_client_namespace() -> bool {
+    let Ok(me) = std::fs::metadata("/proc/thread-self/ns/net") else {
+        return false;
+    };
+    CLIENT_NAMESPACES
+        .lock()
+        .map(|l| l.contains(&(me.dev(), me.ino())))
+        .unwrap_or(false)
+}
 
 /// Address of node `i` (1-based).
 pub fn node_ip(i: usize) -> String {
@@ -77,7 +99,11 @@ impl Lab {
     /// Builds the network. Namespace names carry the pid, so parallel runs do not collide.
     pub fn create(n: usize) -> Result<Lab, String> {
         let lab = Lab {
-            prefix: format!("kf{}", std::process::id()),
+            prefix: format!(
+                "kf{}-{}",
+                std::process::id(),
+                LABS.fetch_add(1, Ordering::Relaxed)
+            ),
             n,
         };
         lab.destroy();
@@ -112,6 +138,11 @@ impl Lab {
             run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
             run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
         }
+        let client = std::fs::metadata(format!("/var/run/netns/{}", lab.client_ns()))
+            .map_err(|e| format!("client namespace: {e}"))?;
+        if let Ok(mut l) = CLIENT_NAMESPACES.lock() {
+            l.push((client.dev(), client.ino()));
+        }
         for i in 1..=n {
             lab.nft(
                 i,
@@ -140,16 +171,37 @@ impl Lab {
     /// Moves the calling thread (and the threads it starts afterwards) into the client
     /// namespace.
     pub fn enter_client(&self) -> Result<(), String> {
-        let path = format!("/var/run/netns/{}", self.client_ns());
-        let f = File::open(&path).map_err(|e| format!("{path}: {e}"))?;
-        // SAFETY: a valid namespace fd; setns affects only the calling thread.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
-        }
-        Ok(())
+        enter_namespace(&format!("/var/run/netns/{}", self.client_ns()))
     }
 
+    /// A tokio runtime whose every thread enters the client namespace when it starts.
+    pub fn client_runtime(&self) -> tokio::runtime::Runtime {
+        let path = format!("/var/run/netns/{}", self.client_ns());
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .on_thread_start(move || {
+                if let Err(e) = enter_namespace(&path) {
+                    eprintln!("runtime thread: {e}");
+                }
+            })
+            .build()
+            .expect("tokio runtime")
+    }
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+fn enter_namespace(path: &str) -> Result<(), String> {
+    let f = File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    // SAFETY: a valid namespace fd; setns affects only the calling thread.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+impl Lab {
     /// Applies an nft script in node `i`'s namespace.
     fn nft(&self, i: usize, script: &str) -> Result<(), String> {
         let mut child = Command::new("ip")
@@ -163,9 +215,7 @@ impl Lab {
                 .write_all(script.as_bytes())
                 .map_err(|e| format!("nft stdin: {e}"))?;
         }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("nft: {e}"))?;
+        let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
         if out.status.success() {
             Ok(())
         } else {
@@ -332,6 +382,7 @@ impl FNode {
             .args(&self.args)
             .args(extra)
             .env("KMSD_LOG_LEVEL", "info")
+            .env("KMSD_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("LD_PRELOAD", LIBFAKETIME)
             .env("FAKETIME_TIMESTAMP_FILE", self.dir.join("faketime"))
             .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
@@ -442,14 +493,18 @@ pub fn http(
     body: Option<&str>,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
+    if !in_client_namespace() {
+        return Err("refused: not inside the lab's client namespace".into());
+    }
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     let body = body.unwrap_or("");
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .map_err(|e| e.to_string())?;

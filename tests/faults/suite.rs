@@ -40,7 +40,12 @@ impl Cluster {
         let lab = Lab::create(n).unwrap_or_else(|e| panic!("network lab: {e}"));
         lab.enter_client()
             .unwrap_or_else(|e| panic!("enter client namespace: {e}"));
-        let dir = tempfile::tempdir().expect("temp dir");
+        let mut dir = tempfile::tempdir().expect("temp dir");
+        if std::env::var_os("FAULTS_KEEP").is_some() {
+            // Keep the node logs and data for a post-mortem.
+            dir.disable_cleanup(true);
+            eprintln!("node dirs kept in {}", dir.path().display());
+        }
         let args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
         let nodes = (1..=n)
             .map(|i| FNode::new(&lab, i, dir.path(), args.clone()))
@@ -137,7 +142,10 @@ impl Cluster {
             if let Some(l) = self.leader() {
                 return l;
             }
-            assert!(Instant::now() < deadline, "no agreed leader after {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader after {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -189,9 +197,8 @@ impl Cluster {
         };
         let mut offset = 0usize;
         loop {
-            let page = self.nodes[i - 1].get(&format!(
-                "/api/v1/clients?limit=1000&offset={offset}"
-            ))?;
+            let page =
+                self.nodes[i - 1].get(&format!("/api/v1/clients?limit=1000&offset={offset}"))?;
             let clients = page["clients"].as_array()?;
             for c in clients {
                 let cmid: Uuid = c["cmid"].as_str()?.parse().ok()?;
@@ -215,7 +222,9 @@ impl Cluster {
                 .collect();
             let same = states.len() == self.nodes.len()
                 && states.iter().all(|s| {
-                    s.queued == 0 && s.registry == states[0].registry && s.counts == states[0].counts
+                    s.queued == 0
+                        && s.registry == states[0].registry
+                        && s.counts == states[0].counts
                 });
             if same || Instant::now() >= deadline {
                 return states;
@@ -296,11 +305,7 @@ impl Workload {
                 })
             })
             .collect();
-        Workload {
-            ops,
-            stop,
-            handles,
-        }
+        Workload { ops, stop, handles }
     }
 
     /// Requests made so far.
@@ -322,10 +327,17 @@ impl Workload {
 
 /// One activation on a new connection, bounded by [`CLIENT_TIMEOUT`].
 async fn activate(addr: &str, t: &RequestTemplate, cmid: Uuid, iv: [u8; 16]) -> Outcome {
+    if !crate::lab::in_client_namespace() {
+        return Outcome::Failed("refused: not inside the lab's client namespace".into());
+    }
     let attempt = async {
-        let mut c = KmsClient::connect(addr, kms_wire::client::BindOptions::default(), CLIENT_TIMEOUT)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut c = KmsClient::connect(
+            addr,
+            kms_wire::client::BindOptions::default(),
+            CLIENT_TIMEOUT,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         c.activate(&t.build(cmid, kms_tests::now_ms()), iv)
             .await
             .map_err(|e| e.to_string())
@@ -466,10 +478,14 @@ pub fn apply(
     let lab_err = |e: String| panic!("nemesis {}: {e}", nemesis.name());
     // Inject.
     match nemesis {
-        Nemesis::IsolateLeader | Nemesis::IsolateFollower => {
-            cluster.lab.cut(nodes[0], &others(nodes[0])).unwrap_or_else(lab_err)
-        }
-        Nemesis::Bridge => cluster.lab.cut(nodes[0], &[nodes[1]]).unwrap_or_else(lab_err),
+        Nemesis::IsolateLeader | Nemesis::IsolateFollower => cluster
+            .lab
+            .cut(nodes[0], &others(nodes[0]))
+            .unwrap_or_else(lab_err),
+        Nemesis::Bridge => cluster
+            .lab
+            .cut(nodes[0], &[nodes[1]])
+            .unwrap_or_else(lab_err),
         Nemesis::AsymmetricDrop => cluster
             .lab
             .drop_outgoing(nodes[0], &others(nodes[0]))
@@ -559,7 +575,14 @@ pub fn run_schedule(
     clients: usize,
 ) -> RunResult {
     let mut rng = StdRng::seed_from_u64(seed);
-    let workload = Workload::start(rt, cluster, clients, seed, Duration::from_millis(20), 200_000);
+    let workload = Workload::start(
+        rt,
+        cluster,
+        clients,
+        seed,
+        Duration::from_millis(20),
+        200_000,
+    );
     let mut windows = Vec::new();
     let mut records = Vec::new();
     std::thread::sleep(quiet);
@@ -573,7 +596,11 @@ pub fn run_schedule(
             &mut windows,
             Duration::from_secs(60),
         );
-        eprintln!("[{:>7} ms] {rec}; {} requests so far", cluster.now_ms(), workload.len());
+        eprintln!(
+            "[{:>7} ms] {rec}; {} requests so far",
+            cluster.now_ms(),
+            workload.len()
+        );
         let _ = before;
         records.push(rec);
         std::thread::sleep(quiet);

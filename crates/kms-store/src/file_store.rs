@@ -224,7 +224,9 @@ impl Inner {
         let seg = self.current_segment()?;
         let offset = seg.size;
         // Positioned writes: the file offset is ours, even after a failed write.
-        if let Err(e) = injected_write_error().map_or_else(|| seg.file.write_all_at(buf, offset), Err) {
+        if let Err(e) =
+            injected_write_error().map_or_else(|| seg.file.write_all_at(buf, offset), Err)
+        {
             return Err(self.fail(format!("write {}: {e}", segment_path(wal, seq).display())));
         }
         if let Some(seg) = self.segments.get_mut(&seq) {
