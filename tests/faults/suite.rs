@@ -495,13 +495,25 @@ pub fn apply(
         Nemesis::ClockJump => {
             let node = &cluster.nodes[nodes[0] - 1];
             node.set_clock_offset("+2h");
-            // Check that the jump really reaches the process's SystemTime.
-            std::thread::sleep(Duration::from_millis(1500));
-            let skew = cluster
-                .status(nodes[0])
-                .and_then(|s| s["time_ms"].as_u64())
-                .map(|t| t as i64 - kms_tests::now_ms() as i64);
-            note = format!("node clock skew {:?} s", skew.map(|s| s / 1000));
+            // Check that the jump really reaches the process's SystemTime (libfaketime
+            // re-reads its file at most once a second).
+            let asked = Instant::now();
+            let mut skew = None;
+            while asked.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(250));
+                skew = cluster
+                    .status(nodes[0])
+                    .and_then(|s| s["time_ms"].as_u64())
+                    .map(|t| t as i64 - kms_tests::now_ms() as i64);
+                if skew.is_some_and(|s| s > 3_600_000) {
+                    break;
+                }
+            }
+            note = format!(
+                "node clock skew {:?} s after {} ms",
+                skew.map(|s| s / 1000),
+                asked.elapsed().as_millis()
+            );
             assert!(
                 skew.is_some_and(|s| s > 3_600_000),
                 "the clock jump did not reach kmsd's SystemTime (skew {skew:?} ms)"
@@ -573,6 +585,7 @@ pub fn run_schedule(
     schedule: &[(Nemesis, Duration)],
     quiet: Duration,
     clients: usize,
+    deadline: Option<Instant>,
 ) -> RunResult {
     let mut rng = StdRng::seed_from_u64(seed);
     let workload = Workload::start(
@@ -587,7 +600,9 @@ pub fn run_schedule(
     let mut records = Vec::new();
     std::thread::sleep(quiet);
     for (nemesis, hold) in schedule {
-        let before = workload.len();
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
         let rec = apply(
             cluster,
             *nemesis,
@@ -601,7 +616,6 @@ pub fn run_schedule(
             cluster.now_ms(),
             workload.len()
         );
-        let _ = before;
         records.push(rec);
         std::thread::sleep(quiet);
     }
