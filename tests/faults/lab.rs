@@ -405,6 +405,14 @@ impl FNode {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
+    /// The exit code once the process has exited (None while it runs or was never started).
+    pub fn exit_code(&mut self) -> Option<i32> {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(Some(status))) => Some(status.code().unwrap_or(-1)),
+            _ => None,
+        }
+    }
+
     pub fn is_paused(&self) -> bool {
         self.paused
     }

@@ -540,8 +540,13 @@ pub fn apply(
             node.set_failpoints("");
             let failed = node.log().contains("injected");
             note = format!(
-                "store {}; restarted",
-                if failed { "fail-stopped" } else { "untouched" }
+                "store {}, process {}; restarted",
+                if failed { "failed" } else { "untouched" },
+                if node.is_running() {
+                    "running"
+                } else {
+                    "exited"
+                }
             );
             node.kill9();
             node.spawn(&[]);
