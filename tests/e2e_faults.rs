@@ -189,9 +189,11 @@ fn slow_rejoin_follower_back_within_3s_of_heal() {
 }
 
 /// The other half of the slow-rejoin bug: the rejoining follower, whose term climbed while it
-/// was cut off, must not depose the healthy leader.
+/// was cut off, must not depose the healthy leader. OPEN: openraft 0.9 has no pre-vote; the
+/// fix lives in kms-raft's cluster.rs (docs/faults-election-guard.patch, verified: term stays
+/// 1, back in 113 ms). Not in run.sh until that lands; then add it there.
 #[test]
-#[ignore = "needs root and nftables: run tests/faults/run.sh"]
+#[ignore = "open bug until docs/faults-election-guard.patch lands in cluster.rs; needs root"]
 fn rejoining_follower_does_not_depose_the_leader() {
     let mut cluster = Cluster::start(3, &[]);
     let rt = cluster.lab.client_runtime();

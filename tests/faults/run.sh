@@ -34,7 +34,8 @@ cargo build -p kms-tests --tests --locked
 if [ "${1:-}" = "--soak" ]; then
   tests=(soak_random_faults)
 else
-  tests=(ci_schedule_every_nemesis_once slow_rejoin_follower_back_within_3s_of_heal)
+  tests=(ci_schedule_every_nemesis_once slow_rejoin_follower_back_within_3s_of_heal
+    storage_failure_fail_stops_the_node_and_a_restart_heals_it)
 fi
 for t in "${tests[@]}"; do
   cargo test -p kms-tests --test e2e_faults --locked -- --ignored --exact --nocapture \
