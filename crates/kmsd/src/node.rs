@@ -410,10 +410,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     tracing::info!(node_id = config.node_id, data_dir = %config.data_dir.display(), "kmsd ready");
-    wait_for_signal().await;
-    tracing::info!(
-        "shutting down: withdrawing DNS records, closing listeners, handing over leadership"
-    );
+    // A storage failure stops the Raft core for good (the write-ahead log refuses every
+    // write after a failed fsync): the node then fail-stops, so that its supervisor
+    // (systemd Restart=on-failure, Kubernetes) restarts it and the log is replayed, instead
+    // of living on with a dead core and a /healthz that says ok (issue 14).
+    let fatal = tokio::select! {
+        _ = wait_for_signal() => None,
+        why = raft_stopped(engine.cluster()) => Some(why),
+    };
+    match &fatal {
+        None => tracing::info!(
+            "shutting down: withdrawing DNS records, closing listeners, handing over leadership"
+        ),
+        Some(why) => tracing::error!(
+            error = %why,
+            "the replicated state stopped: withdrawing DNS records, closing listeners, exiting"
+        ),
+    }
     if dns_shared.is_some() {
         // Withdraw this node's SRV record before it stops answering.
         crate::dns::withdraw_self(&config, &dns_sink).await;
@@ -425,15 +438,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = task.await;
     }
     let _ = expire_task.await;
-    engine.cluster().step_down().await;
+    if fatal.is_none() {
+        engine.cluster().step_down().await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
     if let Some(task) = metrics_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     engine.cluster().shutdown().await;
     drop(kms);
+    if let Some(why) = fatal {
+        anyhow::bail!("the replicated state stopped: {why}");
+    }
     tracing::info!("kmsd stopped");
     Ok(())
+}
+
+/// Returns once the Raft core has stopped on a fatal error (storage, panic), with the reason.
+async fn raft_stopped(cluster: &kms_raft::Cluster) -> String {
+    let mut metrics = cluster.raft().metrics();
+    loop {
+        let state = metrics.borrow().running_state.clone();
+        if let Err(fatal) = state {
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "the Raft core exited".to_owned();
+        }
+    }
 }
 
 async fn wait_for_signal() {
