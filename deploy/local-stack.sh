@@ -135,7 +135,7 @@ EOF
 # ---- kmsd -------------------------------------------------------------------------------
 node_config() { # n
     local n=$1 join=""
-    ((n > 1)) && join="join = [\"http://127.0.0.1:$(admin_port 1)\"]"
+    ((n > 1)) && join="join = [\"127.0.0.1:$(raft_port 1)\"]"
     cat <<EOF
 # Node $n of deploy/local-stack.sh (mirrors deploy/compose/kmsd/node$n.toml on loopback).
 [node]
@@ -155,6 +155,8 @@ metrics_listen = "127.0.0.1:$(metrics_port "$n")"
 [raft]
 listen = "127.0.0.1:$(raft_port "$n")"
 advertise = "127.0.0.1:$(raft_port "$n")"
+# Built-in cluster PKI: node 1 makes the CA, the others join with the shared secret.
+cluster_secret_file = "$STACK_DIR/cluster.secret"
 $join
 
 [[dns.publish]]
@@ -171,6 +173,9 @@ EOF
 start_node() { # n
     local n=$1 d=$STACK_DIR/kmsd$1
     mkdir -p "$d/data"
+    if [[ ! -s $STACK_DIR/cluster.secret ]]; then
+        (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$STACK_DIR/cluster.secret")
+    fi
     node_config "$n" > "$d/kmsd.toml"
     KMSD_ADMIN_TOKEN=$TOKEN start_bg "kmsd$n" "$d/kmsd.log" "$KMSD_BIN" --config "$d/kmsd.toml"
 }

@@ -196,6 +196,15 @@ fi
 
 # ---- 6. systemd ---------------------------------------------------------------------------
 step "6. deploy/systemd"
+# Resource bounds and a private state dir (docs/security.md): kmsd sizes its registry from
+# MemoryMax, TasksMax bounds its threads.
+for setting in MemoryMax TasksMax UMask=0077 StateDirectoryMode=0700 NoNewPrivileges=yes; do
+    if grep -Eq "^${setting}(=|$)" deploy/systemd/kmsd.service; then
+        pass "kmsd.service sets ${setting}"
+    else
+        flunk "kmsd.service does not set ${setting}"
+    fi
+done
 if command -v systemd-analyze >/dev/null; then
     unit_dir=$(mktemp -d)
     # verify insists that ExecStart exists; the unit is checked as written otherwise.

@@ -137,9 +137,10 @@ async fn every_version_bind_and_connection_mode_is_answered_and_verifies() {
         assert_eq!(set.len(), 1, "{product} got several ePIDs: {set:?}");
     }
     assert_eq!(hwids.len(), 1, "several HWIDs: {hwids:?}");
+    // The default Windows host key is the newest, Windows Server 2025's (group 4919).
     let windows_epid = epids["windows"].iter().next().unwrap().clone();
     assert!(
-        windows_epid.split('-').nth(1) == Some("00206"),
+        windows_epid.split('-').nth(1) == Some("04919"),
         "{windows_epid}"
     );
 }
@@ -194,7 +195,7 @@ async fn strict_policy_refuses_products_outside_the_licensed_csvlks() {
     let office_csvlk = kms_catalog::catalog()
         .csvlks()
         .iter()
-        .find(|c| c.name == "Office 2016 VL")
+        .find(|c| c.name == "Office 2016")
         .expect("Office 2016 CSVLK in the catalog")
         .id
         .to_string();

@@ -546,3 +546,50 @@ async fn a_deployment_secret_forms_a_cluster_and_a_wrong_one_is_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("raft.cluster_secret_file"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_replaces_the_old_one_after_the_next_rotation() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let n1 = Node::start_member(dirs[0].path(), 1, None, &[]);
+    let mut n2 = Node::start_member(dirs[1].path(), 2, Some(&n1), &[]);
+    let n3 = Node::start_member(dirs[2].path(), 3, Some(&n1), &[]);
+    wait_until("3 voters", Duration::from_secs(30), || {
+        [&n1, &n2, &n3].iter().all(|n| voters(n) == 3)
+    });
+    let ca_der = creds(&n1).ca_der;
+    let first = creds(&n2);
+    // Node 2 asks the leader for a new certificate; it is stored and presented from the
+    // next start, and the current one keeps working meanwhile.
+    let (ok, out, err) = kmsctl(&n2.admin_addr, &["rotate-cert"]);
+    assert!(ok, "rotate: {err}");
+    assert!(out.contains("restart the node"), "{out}");
+    let second = creds(&n2);
+    assert_ne!(first.cert_der, second.cert_der);
+    assert_eq!(first.ca_der, second.ca_der);
+    n2.terminate();
+    n2.spawn();
+    wait_until("node 2 back as a voter", Duration::from_secs(30), || {
+        voters(&n1) == 3
+            && n2.get_json("/api/v1/status")["leader_id"]
+                .as_u64()
+                .is_some()
+    });
+    activate(&n2).await;
+    // A second rotation drops the first certificate: it is refused from then on, while the
+    // node keeps working with the second.
+    let (ok, _, err) = kmsctl(&n2.admin_addr, &["rotate-cert"]);
+    assert!(ok, "rotate again: {err}");
+    let leader = n1.get_json("/api/v1/cluster")["leader_id"]
+        .as_u64()
+        .unwrap();
+    let leader_node = [&n1, &n2, &n3][(leader - 1) as usize];
+    all_refused(
+        channel(leader_node, &ca_der, Some(&first)).await,
+        2,
+        &[tonic::Code::PermissionDenied],
+        "rotated-out certificate",
+    )
+    .await;
+    activate(&n2).await;
+    assert_eq!(voters(&n1), 3);
+}

@@ -42,6 +42,9 @@ bash deploy/install-tools.sh --local-stack
 KMSD_BIN="$CARGO_TARGET_DIR/debug/kmsd" KMSCTL_BIN="$CARGO_TARGET_DIR/debug/kmsctl" \
   bash deploy/local-stack.sh 2>&1 | tee "$CARGO_TARGET_DIR/local-stack-output.txt"
 
+step "release artifacts: image (buildah), .deb (dpkg -i/-r), SBOM"; bash deploy/package/ci.sh 2>&1 | tee "$CARGO_TARGET_DIR/package-output.txt"
+step "fault injection: netns partitions, pauses, crashes, clock jumps, disk faults (docs/faults.md)"; bash tests/faults/run.sh
+
 if [ "$FUZZ_SECONDS" != "0" ]; then
   step "fuzz the PDU and KMS decoders for ${FUZZ_SECONDS}s each"
   if ! command -v cargo-fuzz >/dev/null 2>&1; then

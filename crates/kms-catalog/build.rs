@@ -12,6 +12,7 @@ use roxmltree::{Document, Node};
 use uuid::Uuid;
 
 const XML_PATH: &str = "data/KmsDataBase.xml";
+const OVERLAY_PATH: &str = "data/microsoft.toml";
 
 /// CSVLK used for unknown Windows KMS ids: Windows Server 2019 (group 206), the most widely
 /// compatible host key. Must exist in the XML.
@@ -31,6 +32,7 @@ type Result<T> = std::result::Result<T, BuildError>;
 
 fn main() {
     println!("cargo:rerun-if-changed={XML_PATH}");
+    println!("cargo:rerun-if-changed={OVERLAY_PATH}");
     println!("cargo:rerun-if-changed=build.rs");
     if let Err(e) = run() {
         eprintln!("error: {XML_PATH}: {e}");
@@ -46,8 +48,30 @@ fn run() -> Result<()> {
     let xml_path = Path::new(&manifest_dir).join(XML_PATH);
     let text = std::fs::read_to_string(&xml_path)
         .map_err(|e| BuildError(format!("cannot read {}: {e}", xml_path.display())))?;
-    let data = parse(&text)?;
-    let code = generate(&data)?;
+    let mut data = parse(&text)?;
+    let overlay_path = Path::new(&manifest_dir).join(OVERLAY_PATH);
+    let overlay_text = std::fs::read_to_string(&overlay_path)
+        .map_err(|e| BuildError(format!("cannot read {}: {e}", overlay_path.display())))?;
+    let overlay: Overlay =
+        toml::from_str(&overlay_text).map_err(|e| BuildError(format!("{OVERLAY_PATH}: {e}")))?;
+    apply_overlay(&mut data, &overlay)
+        .map_err(|e| BuildError(format!("{OVERLAY_PATH}: {}", e.0)))?;
+    let mut code = generate(&data)?;
+    let _ = writeln!(code, "/// Version of the built-in catalog.");
+    let _ = writeln!(
+        code,
+        "pub const BUILTIN_VERSION: &str = {:?};",
+        overlay.version
+    );
+    let _ = writeln!(
+        code,
+        "/// Sources the catalog's facts cite (key, description)."
+    );
+    let _ = writeln!(code, "pub static SOURCES: &[(&str, &str)] = &[");
+    for (k, v) in &overlay.sources {
+        let _ = writeln!(code, "    ({k:?}, {v:?}),");
+    }
+    let _ = writeln!(code, "];");
     let out = PathBuf::from(out_dir).join("catalog_data.rs");
     std::fs::write(&out, code)
         .map_err(|e| BuildError(format!("cannot write {}: {e}", out.display())))?;
@@ -68,6 +92,7 @@ struct Item {
     default_protocol: u16,
     is_retail: bool,
     is_preview: bool,
+    source: String,
 }
 
 struct Sku {
@@ -75,6 +100,7 @@ struct Sku {
     name: String,
     kms_item_id: Uuid,
     gvlk: Option<String>,
+    source: String,
 }
 
 struct Csvlk {
@@ -91,6 +117,13 @@ struct Csvlk {
     /// Indexes as written in the XML (into the list of `UseForEpid` builds).
     invalid_epid_builds: Vec<usize>,
     line: u32,
+    /// Whether an organisation can install this key on its own host (not lab, preview or
+    /// Azure-only).
+    installable: bool,
+    /// Source of the activation list (a key of the overlay's `[sources]`).
+    source: String,
+    /// Newest host build the key can be installed on (0: no limit known).
+    max_host_build: u32,
 }
 
 struct Build {
@@ -199,12 +232,18 @@ fn date_opt(node: Node<'_, '_>, name: &str) -> Result<i64> {
     let Some(v) = attr_opt(node, name) else {
         return Ok(0);
     };
-    let bad = || {
-        err(
+    match parse_date(v) {
+        Some(t) => Ok(t),
+        None => err(
             node,
             format!("attribute {name}={v:?} is not a date (YYYY-MM-DDTHH:MM:SSZ)"),
-        )
-    };
+        ),
+    }
+}
+
+/// `YYYY-MM-DD` optionally followed by `THH:MM:SS` and `Z`, as Unix seconds.
+fn parse_date(v: &str) -> Option<i64> {
+    let bad = || -> Option<i64> { None };
     let v2 = v.strip_suffix('Z').unwrap_or(v);
     let (date, time) = match v2.split_once('T') {
         Some((d, t)) => (d, t),
@@ -237,7 +276,7 @@ fn date_opt(node: Node<'_, '_>, name: &str) -> Result<i64> {
     {
         return bad();
     }
-    Ok(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + s)
+    Some(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + s)
 }
 
 /// `InvalidWinBuild="[0,1,2]"`; empty or missing means none.
@@ -353,14 +392,20 @@ fn parse(text: &str) -> Result<Data> {
                     }
                 }
             }
+            let name = attr_req(c, "DisplayName")?.to_owned();
+            let is_lab = bool_opt(c, "IsLab", false)?;
+            let is_preview = bool_opt(c, "IsPreview", false)?;
             data.csvlks.push(Csvlk {
                 id,
-                name: attr_req(c, "DisplayName")?.to_owned(),
+                installable: !is_lab && !is_preview && !name.contains("Azure"),
+                source: "xml".to_owned(),
+                max_host_build: 0,
+                name,
                 group_id,
                 key_range,
                 release_date: date_opt(c, "ReleaseDate")?,
-                is_lab: bool_opt(c, "IsLab", false)?,
-                is_preview: bool_opt(c, "IsPreview", false)?,
+                is_lab,
+                is_preview,
                 ini_file_name: attr_opt(c, "IniFileName").unwrap_or("").to_owned(),
                 activates,
                 invalid_epid_builds: index_list(c, "InvalidWinBuild")?,
@@ -416,6 +461,7 @@ fn parse(text: &str) -> Result<Data> {
                     default_protocol: proto,
                     is_retail: bool_opt(k, "IsRetail", false)?,
                     is_preview: bool_opt(k, "IsPreview", false)?,
+                    source: "xml".to_owned(),
                 });
                 for s in elements(k, "SkuItem") {
                     let sku_id = guid_req(s, "Id")?;
@@ -431,6 +477,7 @@ fn parse(text: &str) -> Result<Data> {
                         name: attr_req(s, "DisplayName")?.to_owned(),
                         kms_item_id: item_id,
                         gvlk: attr_opt(s, "Gvlk").map(str::to_owned),
+                        source: "xml".to_owned(),
                     });
                 }
             }
@@ -488,14 +535,15 @@ fn generate(data: &Data) -> Result<String> {
     w!("static KMS_ITEMS: [KmsItem; {}] = [", items.len());
     for i in &items {
         w!(
-            "    KmsItem {{ id: {}, name: {:?}, application_id: {}, n_count_policy: {}, default_protocol: {}, is_retail: {}, is_preview: {} }},",
+            "    KmsItem {{ id: {}, name: {:?}, application_id: {}, n_count_policy: {}, default_protocol: {}, is_retail: {}, is_preview: {}, source: {:?} }},",
             uuid_expr(&i.id),
             i.name,
             uuid_expr(&i.application_id),
             i.n_count_policy,
             i.default_protocol,
             i.is_retail,
-            i.is_preview
+            i.is_preview,
+            i.source
         );
     }
     w!("];");
@@ -507,10 +555,11 @@ fn generate(data: &Data) -> Result<String> {
             None => "None".to_owned(),
         };
         w!(
-            "    Sku {{ id: {}, name: {:?}, kms_item_id: {}, gvlk: {gvlk} }},",
+            "    Sku {{ id: {}, name: {:?}, kms_item_id: {}, gvlk: {gvlk}, source: {:?} }},",
             uuid_expr(&s.id),
             s.name,
-            uuid_expr(&s.kms_item_id)
+            uuid_expr(&s.kms_item_id),
+            s.source
         );
     }
     w!("];");
@@ -549,13 +598,34 @@ fn generate(data: &Data) -> Result<String> {
             invalid.push(idx.to_string());
         }
         let activates: Vec<String> = c.activates.iter().map(uuid_expr).collect();
+        // A host key serves one application: the one of the KMS ids it activates.
+        let apps: HashSet<Uuid> = c
+            .activates
+            .iter()
+            .filter_map(|a| data.items.iter().find(|i| i.id == *a))
+            .map(|i| i.application_id)
+            .collect();
+        let application = match apps.len() {
+            0 => Uuid::nil(),
+            1 => apps.into_iter().next().unwrap_or_default(),
+            _ => {
+                return Err(BuildError(format!(
+                    "line {}: CsvlkItem {} activates KMS ids of several applications",
+                    c.line, c.id
+                )))
+            }
+        };
         let group = match c.group_id {
             Some(g) => format!("Some({g})"),
             None => "None".to_owned(),
         };
         w!(
-            "    Csvlk {{ id: {}, name: {:?}, group_id: {group}, min_key_id: {}, max_key_id: {}, release_date: {}, is_lab: {}, is_preview: {}, ini_file_name: {:?}, activates: &[{}], invalid_win_builds: &[{}] }},",
+            "    Csvlk {{ id: {}, application_id: {}, installable: {}, max_host_build: {}, source: {:?}, name: {:?}, group_id: {group}, min_key_id: {}, max_key_id: {}, release_date: {}, is_lab: {}, is_preview: {}, ini_file_name: {:?}, activates: &[{}], invalid_win_builds: &[{}] }},",
             uuid_expr(&c.id),
+            uuid_expr(&application),
+            c.installable,
+            c.max_host_build,
+            c.source,
             c.name,
             c.key_range.0,
             c.key_range.1,
@@ -585,4 +655,166 @@ fn generate(data: &Data) -> Result<String> {
     w!("/// The CSVLK answering unknown Windows KMS ids (Windows Server 2019, group 206).");
     w!("static WINDOWS_DEFAULT_CSVLK: &Csvlk = &CSVLKS[{windows_default}];");
     Ok(o)
+}
+
+/// `data/microsoft.toml`: corrections and additions with their sources.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Overlay {
+    version: String,
+    sources: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    kms_item: Vec<OverlayItem>,
+    #[serde(default)]
+    sku: Vec<OverlaySku>,
+    #[serde(default)]
+    host_key: Vec<OverlayHostKey>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverlayItem {
+    id: Uuid,
+    name: String,
+    application: Uuid,
+    n_count_policy: u32,
+    protocol: u16,
+    #[serde(default)]
+    retail: bool,
+    #[serde(default)]
+    preview: bool,
+    replaces: Option<Uuid>,
+    source: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverlaySku {
+    id: Uuid,
+    name: String,
+    kms_item: Uuid,
+    gvlk: Option<String>,
+    source: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverlayHostKey {
+    id: Uuid,
+    name: String,
+    group_id: Option<u32>,
+    min_key_id: Option<u32>,
+    max_key_id: Option<u32>,
+    release_date: Option<String>,
+    installable: Option<bool>,
+    max_host_build: Option<u32>,
+    #[allow(dead_code)]
+    ids_source: Option<String>,
+    source: String,
+    activates: Vec<Uuid>,
+}
+
+fn apply_overlay(data: &mut Data, o: &Overlay) -> Result<()> {
+    let known_source = |s: &str, what: &str| {
+        if o.sources.contains_key(s) {
+            Ok(())
+        } else {
+            Err(BuildError(format!(
+                "{what}: source {s:?} is not in [sources]"
+            )))
+        }
+    };
+    for it in &o.kms_item {
+        known_source(&it.source, &format!("kms_item {}", it.id))?;
+        if !data.apps.iter().any(|a| a.id == it.application) {
+            return Err(BuildError(format!(
+                "kms_item {}: unknown application {}",
+                it.id, it.application
+            )));
+        }
+        if let Some(old) = it.replaces {
+            data.items.retain(|i| i.id != old);
+            for s in data.skus.iter_mut().filter(|s| s.kms_item_id == old) {
+                s.kms_item_id = it.id;
+            }
+            for c in &mut data.csvlks {
+                for a in c.activates.iter_mut().filter(|a| **a == old) {
+                    *a = it.id;
+                }
+            }
+        }
+        let item = Item {
+            id: it.id,
+            name: it.name.clone(),
+            application_id: it.application,
+            n_count_policy: it.n_count_policy,
+            default_protocol: it.protocol,
+            is_retail: it.retail,
+            is_preview: it.preview,
+            source: it.source.clone(),
+        };
+        match data.items.iter_mut().find(|i| i.id == it.id) {
+            Some(existing) => *existing = item,
+            None => data.items.push(item),
+        }
+    }
+    for sk in &o.sku {
+        known_source(&sk.source, &format!("sku {}", sk.id))?;
+        if !data.items.iter().any(|i| i.id == sk.kms_item) {
+            return Err(BuildError(format!(
+                "sku {}: unknown kms_item {}",
+                sk.id, sk.kms_item
+            )));
+        }
+        let sku = Sku {
+            id: sk.id,
+            name: sk.name.clone(),
+            kms_item_id: sk.kms_item,
+            gvlk: sk.gvlk.clone(),
+            source: sk.source.clone(),
+        };
+        match data.skus.iter_mut().find(|s| s.id == sk.id) {
+            Some(existing) => *existing = sku,
+            None => data.skus.push(sku),
+        }
+    }
+    for hk in &o.host_key {
+        known_source(&hk.source, &format!("host_key {}", hk.id))?;
+        let Some(c) = data.csvlks.iter_mut().find(|c| c.id == hk.id) else {
+            return Err(BuildError(format!(
+                "host_key {}: not a CsvlkItem of the XML",
+                hk.id
+            )));
+        };
+        c.name = hk.name.clone();
+        if let Some(g) = hk.group_id {
+            c.group_id = Some(g);
+        }
+        match (hk.min_key_id, hk.max_key_id) {
+            (Some(lo), Some(hi)) if lo <= hi && hi > 0 && hi <= 999_999_999 => {
+                c.key_range = (lo, hi)
+            }
+            (None, None) => {}
+            _ => return Err(BuildError(format!("host_key {}: bad key range", hk.id))),
+        }
+        if let Some(d) = &hk.release_date {
+            c.release_date = parse_date(d)
+                .ok_or_else(|| BuildError(format!("host_key {}: bad release_date {d:?}", hk.id)))?;
+        }
+        if let Some(i) = hk.installable {
+            c.installable = i;
+        }
+        if let Some(b) = hk.max_host_build {
+            c.max_host_build = b;
+        }
+        c.activates = hk.activates.clone();
+        c.source = hk.source.clone();
+    }
+    // Two community pre-release keys name KMS ids the file never defines: those references
+    // are dropped (a key then activating nothing is left out of the replicated catalog).
+    let items: HashSet<Uuid> = data.items.iter().map(|i| i.id).collect();
+    for c in &mut data.csvlks {
+        c.activates.retain(|a| items.contains(a));
+    }
+    Ok(())
 }

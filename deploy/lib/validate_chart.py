@@ -69,7 +69,7 @@ FAKE_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 # A scenario may carry "_kube": the Kubernetes versions it targets (default: --kube-versions).
 SCENARIOS: list[tuple[str, dict[str, Any]]] = [
     ("default", {}),
-    ("single-node", {"replicaCount": 1}),
+    ("single-node", {"replicaCount": 1, "networkPolicy": {"enabled": False}}),
     (
         "five-nodes-loadbalancer",
         {
@@ -86,6 +86,10 @@ SCENARIOS: list[tuple[str, dict[str, Any]]] = [
                            "licensed_csvlks": ["2e7a9ad1-a849-4b56-babe-17d5a29fe4b4"]},
             },
             "preStopSleepSeconds": 5,
+            "networkPolicy": {
+                "kmsFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+                "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+            },
             "_kube": ["1.30.0", "1.34.0"],  # the preStop sleep action exists from 1.30
         },
     ),
@@ -291,6 +295,47 @@ def check_behaviour(name: str, objs: list[dict[str, Any]], v: dict[str, Any]) ->
         sel = s["spec"].get("selector", {})
         check(all(labels.get(k) == val for k, val in sel.items()), f"Service {s['metadata']['name']} selects the kmsd pods")
 
+    # Memory limit: kmsd derives its registry bound from it (docs/security.md).
+    check(bool(c.get("resources", {}).get("limits", {}).get("memory")),
+          "container memory limit set (the registry bound is derived from it)")
+
+    # NetworkPolicy (on by default): KMS from anywhere or kmsFrom, Raft only from this
+    # StatefulSet's own pods, admin and metrics only from the configured peers.
+    nps = find(objs, "NetworkPolicy")
+    npv = v["networkPolicy"]
+    if npv["enabled"]:
+        check(len(nps) == 1, "one NetworkPolicy")
+        if nps:
+            np = nps[0]["spec"]
+            own = spec["selector"]["matchLabels"]
+            check(np["podSelector"]["matchLabels"] == own and np["policyTypes"] == ["Ingress"],
+                  "NetworkPolicy covers the kmsd pods' ingress")
+            rules = np.get("ingress", [])
+
+            def ports_of(rule: dict[str, Any]) -> set[Any]:
+                return {p["port"] for p in rule.get("ports", [])}
+
+            raft = [r for r in rules if "raft" in ports_of(r)]
+            check(bool(raft) and all(r.get("from") == [{"podSelector": {"matchLabels": own}}] for r in raft),
+                  "Raft port only from this StatefulSet's pods")
+            kms_rules = [r for r in rules if "kms" in ports_of(r)]
+            want_kms = npv["kmsFrom"] or None
+            check(len(kms_rules) == 1 and kms_rules[0].get("from") == want_kms,
+                  "KMS port from anywhere (or kmsFrom)")
+            admin_rules = [r for r in rules if "admin" in ports_of(r)]
+            check(bool(admin_rules) and all(r.get("from") for r in admin_rules),
+                  "admin port only from listed peers")
+            check(all(peer in [p for r in admin_rules for p in r["from"]] for peer in npv["adminFrom"]),
+                  "adminFrom peers may reach the admin port")
+            metric_rules = [r for r in rules if "metrics" in ports_of(r)]
+            if v["metrics"]["separateListener"]:
+                check(len(metric_rules) == 1 and metric_rules[0].get("from") == (npv["metricsFrom"] or None),
+                      "metrics port from metricsFrom (empty = anywhere)")
+            check(all(ports_of(r) <= {"kms", "raft", "admin", "metrics"} for r in rules),
+                  "no other port open")
+    else:
+        check(not nps, "no NetworkPolicy when disabled")
+
     # PDB from the quorum
     pdbs = find(objs, "PodDisruptionBudget")
     if n >= 3 and v["podDisruptionBudget"]["enabled"]:
@@ -321,7 +366,11 @@ def check_behaviour(name: str, objs: list[dict[str, Any]], v: dict[str, Any]) ->
         if i == 0 and v["cluster"]["bootstrap"]:
             check(join is None, f"{key}: no join list (pod 0 bootstraps)")
         else:
-            want = [f"http://{fqdn(j)}:8688" for j in range(n) if j != i]
+            if v["raftTls"]["enabled"]:
+                want = [f"http://{fqdn(j)}:8688" for j in range(n) if j != i]
+            else:
+                # Built-in cluster PKI: the members' Raft ports, with the shared secret.
+                want = [f"{fqdn(j)}:7688" for j in range(n) if j != i]
             check(join == want, f"{key}: joins through the other {n - 1} pod(s)")
         check(("metrics_listen" in cfg["admin"]) == bool(v["metrics"]["separateListener"]), f"{key}: metrics listener as configured")
         check(("tls" in cfg["raft"]) == bool(v["raftTls"]["enabled"]), f"{key}: Raft TLS as configured")

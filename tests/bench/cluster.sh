@@ -65,9 +65,19 @@ kms() { echo "127.0.0.1:$((BASE + $1))"; }
 admin() { echo "127.0.0.1:$((BASE + 100 + $1))"; }
 raft() { echo "127.0.0.1:$((BASE + 200 + $1))"; }
 
+# Node-to-node transport: the built-in cluster PKI (mutual TLS; nodes join with a shared
+# cluster secret) unless KMSD_ARGS says --insecure-raft-transport (plain TCP, admin-API join).
+INSECURE=0
+for a in "${EXTRA[@]}"; do [ "$a" = "--insecure-raft-transport" ] && INSECURE=1; done
+if [ "$INSECURE" = 0 ]; then
+  (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$WORK/cluster.secret")
+  EXTRA+=(--cluster-secret-file "$WORK/cluster.secret")
+fi
 start() { # id [join-id]
   local id=$1 join=()
-  [ -n "${2:-}" ] && join=(--join "http://$(admin "$2")")
+  if [ -n "${2:-}" ]; then
+    if [ "$INSECURE" = 1 ]; then join=(--join "http://$(admin "$2")"); else join=(--join "$(raft "$2")"); fi
+  fi
   "$BIN/kmsd" --node-id "$id" --data-dir "$WORK/n$id" --kms-listen "$(kms "$id")" \
     --admin-listen "$(admin "$id")" --raft-listen "$(raft "$id")" --log-level warn \
     "${EXTRA[@]}" "${join[@]}" >>"$WORK/n$id.log" 2>&1 &

@@ -94,6 +94,9 @@ function renderStatus(s) {
     kv("KMS listeners", s.listen.kms.join(", ")),
     kv("Admin", s.listen.admin),
     kv("Product policy", s.product_policy),
+    kv("Product catalog", s.catalog ? s.catalog.version + " (" + s.catalog.source + ")" : "–"),
+    ...(s.catalog ? s.catalog.installed : []).map((k) =>
+      kv("Host key: " + k.application, k.host_key + (k.configured ? "" : " (default)"))),
     kv("HWID", s.hwid || "–"),
     kv("Host build", s.host_build || "–"),
     kv("DNS publishing", dns),

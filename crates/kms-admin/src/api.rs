@@ -13,7 +13,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::{require_token, Token};
+use crate::auth::{require_token, AuthLimiter, AuthState, Token};
 use crate::backend::{AdminBackend, ClusterStatus, JoinRequest, JoinResponse, Readiness};
 use crate::error::{ApiError, ErrorBody};
 use crate::events::{ids, EventQuery};
@@ -33,6 +33,10 @@ pub struct AppState {
 pub struct AdminOptions {
     /// Bearer token every `/api/v1` call must carry; `None` = open (loopback only).
     pub token: Option<String>,
+    /// Failed token checks per source address and window before 429; 0 = no limit.
+    pub auth_failures: u32,
+    /// The window of `auth_failures`.
+    pub auth_window: std::time::Duration,
     /// The admin API is served over TLS (redirects to the leader use `https`).
     pub tls: bool,
 }
@@ -91,10 +95,12 @@ fn api_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             crate::tokens::list_tokens
         ))
         .routes(routes!(crate::tokens::revoke_token))
+        .routes(routes!(crate::tokens::rotate_certificate))
         .routes(routes!(get_clients))
         .routes(routes!(get_events))
         .routes(routes!(get_config, put_config))
         .routes(routes!(get_products))
+        .routes(routes!(get_catalog, put_catalog))
         .routes(routes!(get_openapi))
         .split_for_parts()
 }
@@ -108,13 +114,21 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(backend: Arc<dyn AdminBackend>, options: &AdminOptions) -> Router {
     let (api, doc) = api_parts();
     let openapi_json = Arc::new(doc.to_pretty_json().unwrap_or_else(|_| "{}".to_owned()));
-    let token = Token::new(options.token.as_deref());
+    let auth = AuthState {
+        token: Token::new(options.token.as_deref()),
+        limiter: Arc::new(AuthLimiter::new(options.auth_failures, options.auth_window)),
+        events: Some(backend.events()),
+        now_ms: {
+            let backend = backend.clone();
+            Arc::new(move || backend.now_ms())
+        },
+    };
     let state = AppState {
         backend,
         openapi_json,
     };
     let api = api
-        .route_layer(middleware::from_fn_with_state(token, require_token))
+        .route_layer(middleware::from_fn_with_state(auth, require_token))
         .layer(middleware::from_fn_with_state(
             options.scheme(),
             crate::error::redirect_to_leader,
@@ -209,7 +223,8 @@ async fn metrics_handler(State(s): State<AppState>) -> Response {
     get, path = "/api/v1/status", tag = "status",
     responses(
         (status = 200, description = "Status of this node", body = StatusResponse),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody)
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody)
     )
 )]
 async fn get_status(State(s): State<AppState>) -> Json<StatusResponse> {
@@ -222,6 +237,7 @@ async fn get_status(State(s): State<AppState>) -> Json<StatusResponse> {
     responses(
         (status = 200, description = "Cluster membership", body = ClusterStatus),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody),
         (status = 503, description = "No leader known", body = ErrorBody)
     )
 )]
@@ -237,6 +253,7 @@ async fn get_cluster(State(s): State<AppState>) -> Result<Json<ClusterStatus>, A
         (status = 200, description = "Joined", body = JoinResponse),
         (status = 400, description = "Invalid request; `field` names the problem", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody),
         (status = 409, description = "Conflicts with the membership", body = ErrorBody),
         (status = 503, description = "Not the leader / no quorum; `leader_admin` when known", body = ErrorBody)
     )
@@ -275,6 +292,7 @@ async fn join_cluster(
         (status = 204, description = "Removed"),
         (status = 400, description = "Bad id", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody),
         (status = 404, description = "No such member", body = ErrorBody),
         (status = 409, description = "Cannot remove it (e.g. the last voter)", body = ErrorBody),
         (status = 503, description = "Not the leader / no quorum", body = ErrorBody)
@@ -321,7 +339,8 @@ fn page_limit(q: &mut QueryParams) -> Result<usize, ApiError> {
         (status = 200, description = "A page of clients (JSON), or CSV with `format=csv`",
             content((ClientsPage = "application/json"), (String = "text/csv"))),
         (status = 400, description = "Bad filter; `field` names the parameter", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody)
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody)
     )
 )]
 async fn get_clients(
@@ -390,7 +409,8 @@ async fn get_clients(
     responses(
         (status = 200, description = "Events, newest first", body = EventsPage),
         (status = 400, description = "Bad parameter", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody)
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody)
     )
 )]
 async fn get_events(
@@ -418,7 +438,8 @@ async fn get_events(
     get, path = "/api/v1/config", tag = "config",
     responses(
         (status = 200, description = "Current configuration", body = ConfigView),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody)
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody)
     )
 )]
 async fn get_config(State(s): State<AppState>) -> Json<ConfigView> {
@@ -437,6 +458,7 @@ async fn get_config(State(s): State<AppState>) -> Json<ConfigView> {
         (status = 400, description = "Invalid JSON, unknown field or out-of-range value; `field` names it", body = ErrorBody),
         (status = 401, description = "Missing or wrong token", body = ErrorBody),
         (status = 409, description = "`expected_version` is not the current configuration version (another change was applied first), or the identity is not initialised; nothing was changed", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody),
         (status = 503, description = "Not the leader / no quorum", body = ErrorBody)
     )
 )]
@@ -457,7 +479,8 @@ async fn put_config(
     responses(
         (status = 200, description = "Catalog", body = ProductsResponse),
         (status = 400, description = "Bad parameter", body = ErrorBody),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody)
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody)
     )
 )]
 async fn get_products(
@@ -473,12 +496,68 @@ async fn get_products(
     Ok(Json(response))
 }
 
+/// Largest catalog `PUT /api/v1/catalog` accepts.
+pub const MAX_CATALOG_BYTES: usize = 8 * 1024 * 1024;
+
+/// The whole replicated product catalog as JSON: applications, KMS ids, editions (SKUs with
+/// GVLKs) and host keys with what each activates and the source of each fact. The format
+/// `PUT /api/v1/catalog` takes.
+#[utoipa::path(
+    get, path = "/api/v1/catalog", tag = "products",
+    responses(
+        (status = 200, description = "The replicated catalog", content_type = "application/json"),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 404, description = "No catalog replicated yet", body = ErrorBody)
+    )
+)]
+async fn get_catalog(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let state_lock = s.backend.state();
+    let shared = state_lock.read().await.catalog().shared();
+    let Some(catalog) = shared else {
+        return Err(ApiError::NotFound("no catalog replicated yet".into()));
+    };
+    Ok(Json(&*catalog).into_response())
+}
+
+/// Replaces the product catalog in the whole cluster. The file is validated whole first: a
+/// bad one is refused with 400 naming the field (e.g. `host_keys[3].activates[0]`) and
+/// nothing changes.
+#[utoipa::path(
+    put, path = "/api/v1/catalog", tag = "products",
+    request_body(content = String, description = "A catalog in the format of GET /api/v1/catalog", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Catalog replicated", body = CatalogSummary),
+        (status = 400, description = "Invalid catalog; `field` names the problem", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 503, description = "Not the leader / no quorum", body = ErrorBody)
+    )
+)]
+async fn put_catalog(
+    State(s): State<AppState>,
+    body: axum::body::Body,
+) -> Result<Json<CatalogSummary>, ApiError> {
+    let bytes = axum::body::to_bytes(body, MAX_CATALOG_BYTES)
+        .await
+        .map_err(|e| {
+            ApiError::invalid(
+                "body",
+                format!("cannot read the body (at most {MAX_CATALOG_BYTES} bytes): {e}"),
+            )
+        })?;
+    let catalog: kms_catalog::CatalogData =
+        crate::extract::parse_json_limited(&bytes, MAX_CATALOG_BYTES)?;
+    Ok(Json(
+        service::import_catalog(s.backend.as_ref(), catalog).await?,
+    ))
+}
+
 /// This OpenAPI document.
 #[utoipa::path(
     get, path = "/api/v1/openapi.json", tag = "meta",
     responses(
         (status = 200, description = "OpenAPI 3.1 document", content_type = "application/json"),
-        (status = 401, description = "Missing or wrong token", body = ErrorBody)
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 429, description = "Too many failed token checks from this address; see Retry-After", body = ErrorBody)
     )
 )]
 async fn get_openapi(State(s): State<AppState>) -> Response {

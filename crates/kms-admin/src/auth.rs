@@ -1,8 +1,11 @@
 //! Bearer-token check for `/api/v1`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -66,15 +69,192 @@ fn strip_bearer(value: &[u8]) -> Option<&[u8]> {
     rest.get(start..=end)
 }
 
-/// Middleware: 401 with a JSON error unless the request carries the token.
-pub async fn require_token(State(token): State<Token>, request: Request, next: Next) -> Response {
+/// Rate limit of failed token checks per source address: after `max_failures` failures
+/// within `window`, the source is answered 429 (with `Retry-After`) until the window that
+/// started with its first failure ends, whatever it sends, so a token cannot be guessed at
+/// network speed. A correct token resets the source's count. Sources are IP addresses
+/// (IPv6 by /64); the table is bounded (oldest windows dropped first).
+#[derive(Debug)]
+pub struct AuthLimiter {
+    max_failures: u32,
+    window: Duration,
+    sources: Mutex<HashMap<SourceKey, Failures>>,
+}
+
+/// Most sources remembered at once.
+const MAX_TRACKED: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum SourceKey {
+    V4(u32),
+    V6(u64),
+    Unknown,
+}
+
+impl SourceKey {
+    fn of(ip: Option<IpAddr>) -> Self {
+        match ip {
+            Some(IpAddr::V4(v4)) => Self::V4(u32::from(v4)),
+            Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self::V4(u32::from(v4)),
+                None => Self::V6((u128::from(v6) >> 64) as u64),
+            },
+            None => Self::Unknown,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    since: Instant,
+}
+
+/// What the limiter says about a request before its token is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    Open,
+    /// Throttled; retry after this many seconds.
+    Closed {
+        retry_after_secs: u64,
+    },
+}
+
+impl AuthLimiter {
+    /// `max_failures` 0 disables the limit.
+    pub fn new(max_failures: u32, window: Duration) -> Self {
+        Self {
+            max_failures,
+            window: window.max(Duration::from_secs(1)),
+            sources: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `ip` may try a token now.
+    pub fn gate(&self, ip: Option<IpAddr>, now: Instant) -> Gate {
+        if self.max_failures == 0 {
+            return Gate::Open;
+        }
+        let Ok(sources) = self.sources.lock() else {
+            return Gate::Open;
+        };
+        match sources.get(&SourceKey::of(ip)) {
+            Some(f) if f.count >= self.max_failures => {
+                let ends = f.since + self.window;
+                if now >= ends {
+                    Gate::Open
+                } else {
+                    let left = ends.saturating_duration_since(now);
+                    Gate::Closed {
+                        retry_after_secs: left.as_secs() + u64::from(left.subsec_nanos() > 0),
+                    }
+                }
+            }
+            _ => Gate::Open,
+        }
+    }
+
+    /// Records a failed check; returns true when this failure closed the gate.
+    pub fn failed(&self, ip: Option<IpAddr>, now: Instant) -> bool {
+        if self.max_failures == 0 {
+            return false;
+        }
+        let Ok(mut sources) = self.sources.lock() else {
+            return false;
+        };
+        let window = self.window;
+        if sources.len() >= MAX_TRACKED {
+            sources.retain(|_, f| now.saturating_duration_since(f.since) < window);
+            if sources.len() >= MAX_TRACKED {
+                // Still full of live windows: forget the oldest.
+                if let Some(oldest) = sources.iter().min_by_key(|(_, f)| f.since).map(|(k, _)| *k) {
+                    sources.remove(&oldest);
+                }
+            }
+        }
+        let f = sources.entry(SourceKey::of(ip)).or_insert(Failures {
+            count: 0,
+            since: now,
+        });
+        if now.saturating_duration_since(f.since) >= window {
+            *f = Failures {
+                count: 0,
+                since: now,
+            };
+        }
+        f.count = f.count.saturating_add(1);
+        f.count == self.max_failures
+    }
+
+    /// A correct token: the source starts again from zero.
+    pub fn succeeded(&self, ip: Option<IpAddr>) {
+        if self.max_failures == 0 {
+            return;
+        }
+        if let Ok(mut sources) = self.sources.lock() {
+            sources.remove(&SourceKey::of(ip));
+        }
+    }
+}
+
+/// What the token middleware needs.
+#[derive(Clone)]
+pub struct AuthState {
+    pub token: Token,
+    pub limiter: Arc<AuthLimiter>,
+    /// Receives an event when a source gets throttled.
+    pub events: Option<Arc<crate::events::EventLog>>,
+    pub now_ms: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
+/// Middleware: 429 for a throttled source, 401 with a JSON error unless the request carries
+/// the token.
+pub async fn require_token(
+    State(auth): State<AuthState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !auth.token.is_set() {
+        return next.run(request).await;
+    }
+    let ip = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let now = Instant::now();
+    if let Gate::Closed { retry_after_secs } = auth.limiter.gate(ip, now) {
+        metrics::counter!("kms_admin_auth_refused_total", "reason" => "throttled").increment(1);
+        return ApiError::TooManyRequests { retry_after_secs }.into_response();
+    }
     let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    if token.accepts(authorization) {
+    if auth.token.accepts(authorization) {
+        auth.limiter.succeeded(ip);
         next.run(request).await
     } else {
+        metrics::counter!("kms_admin_auth_refused_total", "reason" => "unauthorized").increment(1);
+        if auth.limiter.failed(ip, now) {
+            let source = ip.map_or_else(|| "unknown".to_owned(), |i| i.to_string());
+            tracing::warn!(%source, "admin API: too many failed token checks; source throttled");
+            if let Some(events) = &auth.events {
+                events.push(
+                    (auth.now_ms)(),
+                    crate::events::ids::ADMIN_AUTH_THROTTLED,
+                    "warning",
+                    format!(
+                        "Admin API: {source} throttled after {} failed token checks",
+                        auth.limiter.max_failures
+                    ),
+                    serde_json::json!({
+                        "source": source,
+                        "failures": auth.limiter.max_failures,
+                        "window_secs": auth.limiter.window.as_secs(),
+                    }),
+                );
+            }
+        }
         ApiError::Unauthorized.into_response()
     }
 }
@@ -97,6 +277,46 @@ mod tests {
         assert!(!t.accepts(Some(b"s3cret")));
         assert!(!t.accepts(Some(b"")));
         assert_eq!(format!("{t:?}"), "Token(set)");
+    }
+
+    #[test]
+    fn failures_close_the_gate_per_source_for_the_window() {
+        let l = AuthLimiter::new(3, Duration::from_secs(60));
+        let a: Option<IpAddr> = Some("10.0.0.1".parse().unwrap());
+        let b: Option<IpAddr> = Some("10.0.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        assert!(!l.failed(a, t0));
+        assert!(!l.failed(a, t0));
+        assert_eq!(l.gate(a, t0), Gate::Open);
+        assert!(l.failed(a, t0), "the third failure closes the gate");
+        assert_eq!(
+            l.gate(a, t0 + Duration::from_millis(500)),
+            Gate::Closed {
+                retry_after_secs: 60
+            }
+        );
+        assert_eq!(l.gate(b, t0), Gate::Open, "another source is not affected");
+        assert_eq!(l.gate(a, t0 + Duration::from_secs(60)), Gate::Open);
+        // A new window starts from zero.
+        assert!(!l.failed(a, t0 + Duration::from_secs(61)));
+        assert_eq!(l.gate(a, t0 + Duration::from_secs(61)), Gate::Open);
+    }
+
+    #[test]
+    fn success_resets_and_zero_disables() {
+        let l = AuthLimiter::new(2, Duration::from_secs(60));
+        let a: Option<IpAddr> = Some("2001:db8::1".parse().unwrap());
+        let t0 = Instant::now();
+        l.failed(a, t0);
+        l.succeeded(a);
+        assert!(!l.failed(a, t0));
+        // Same /64 counts as the same source.
+        assert!(l.failed(Some("2001:db8::2".parse().unwrap()), t0));
+        let off = AuthLimiter::new(0, Duration::from_secs(60));
+        for _ in 0..100 {
+            assert!(!off.failed(a, t0));
+        }
+        assert_eq!(off.gate(a, t0), Gate::Open);
     }
 
     #[test]

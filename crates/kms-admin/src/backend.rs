@@ -166,6 +166,17 @@ pub struct JoinTokenView {
     pub expired: bool,
 }
 
+/// This node's certificate of the built-in cluster PKI.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct CertificateView {
+    /// SHA-256 of the certificate (hex).
+    pub fingerprint: String,
+    /// Days until it expires.
+    pub days_left: i64,
+    /// True when it is stored but presented only from the node's next start.
+    pub pending_restart: bool,
+}
+
 /// `POST /api/v1/cluster/tokens`.
 #[derive(
     Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
@@ -264,5 +275,13 @@ pub trait AdminBackend: Send + Sync + 'static {
     /// Revokes a join token (leader only).
     async fn revoke_join_token(&self, id: &str) -> Result<(), BackendError> {
         Err(BackendError::NotFound(format!("join token {id}")))
+    }
+    /// Has the leader issue this node a new certificate (cluster PKI); it is presented from
+    /// the node's next start.
+    async fn rotate_certificate(&self) -> Result<CertificateView, BackendError> {
+        Err(BackendError::Invalid {
+            field: "body".into(),
+            message: "this node has no certificate of the built-in cluster PKI".into(),
+        })
     }
 }

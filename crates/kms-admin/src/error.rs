@@ -11,9 +11,9 @@ use crate::backend::BackendError;
 /// Body of every error answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
-    /// Machine-readable kind: `invalid_input`, `unauthorized`, `not_found`, `conflict`,
-    /// `unavailable`, `not_leader` (307, `Location` names the same path on the leader),
-    /// `internal`.
+    /// Machine-readable kind: `invalid_input`, `unauthorized`, `too_many_requests`,
+    /// `not_found`, `conflict`, `unavailable`, `not_leader` (307, `Location` names the same
+    /// path on the leader), `internal`.
     pub error: String,
     pub message: String,
     /// The offending field, query parameter or path segment (400 only), e.g.
@@ -32,6 +32,8 @@ pub enum ApiError {
     Invalid { field: String, message: String },
     #[error("unauthorized")]
     Unauthorized,
+    #[error("too many failed token checks; retry after {retry_after_secs} s")]
+    TooManyRequests { retry_after_secs: u64 },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -65,6 +67,7 @@ impl ApiError {
         match self {
             Self::Invalid { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -77,6 +80,7 @@ impl ApiError {
         let (error, field, leader_admin) = match self {
             Self::Invalid { field, .. } => ("invalid_input", Some(field.clone()), None),
             Self::Unauthorized => ("unauthorized", None, None),
+            Self::TooManyRequests { .. } => ("too_many_requests", None, None),
             Self::NotFound(_) => ("not_found", None, None),
             Self::Conflict(_) => ("conflict", None, None),
             Self::Unavailable { leader_admin, .. } => ("unavailable", None, leader_admin.clone()),
@@ -130,6 +134,11 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"kmsd\""),
             );
+        }
+        if let Self::TooManyRequests { retry_after_secs } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         response
     }

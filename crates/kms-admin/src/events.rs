@@ -23,6 +23,11 @@ pub mod ids {
     pub const CONFIG: u32 = 1002;
     /// Quorum lost or regained.
     pub const QUORUM: u32 = 1003;
+    /// KMS clients refused by a per-source edge limit (connections or new CMIDs per source
+    /// address); one event stands for every refusal of its period (`fields.refused`).
+    pub const EDGE_REFUSED: u32 = 1020;
+    /// A source address was throttled (HTTP 429) after repeated admin API token failures.
+    pub const ADMIN_AUTH_THROTTLED: u32 = 1021;
     /// This node's wall clock is too far from the cluster time (or agrees again).
     pub const CLOCK: u32 = 1004;
 }

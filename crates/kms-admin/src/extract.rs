@@ -31,10 +31,15 @@ where
 
 /// Parses `bytes` as `T`, naming the field that failed.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    if bytes.len() > MAX_BODY_BYTES {
+    parse_json_limited(bytes, MAX_BODY_BYTES)
+}
+
+/// [`parse_json`] with another size limit (the catalog is larger than other bodies).
+pub fn parse_json_limited<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, ApiError> {
+    if bytes.len() > max {
         return Err(ApiError::invalid(
             "body",
-            format!("body larger than {MAX_BODY_BYTES} bytes"),
+            format!("body larger than {max} bytes"),
         ));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);

@@ -19,9 +19,9 @@ pub mod views;
 
 pub use api::{openapi, ops_router, router, AdminOptions};
 pub use backend::{
-    AdminBackend, BackendError, ClusterStatus, CreateTokenRequest, CreatedTokenView, DnsAdvert,
-    DnsDomainStatus, DnsStatus, JoinRequest, JoinResponse, JoinTokenView, MemberStatus, NodeStatus,
-    Readiness, Role,
+    AdminBackend, BackendError, CertificateView, ClusterStatus, CreateTokenRequest,
+    CreatedTokenView, DnsAdvert, DnsDomainStatus, DnsStatus, JoinRequest, JoinResponse,
+    JoinTokenView, MemberStatus, NodeStatus, Readiness, Role,
 };
 pub use error::{ApiError, ErrorBody};
 pub use events::{Event, EventLog, EventQuery};

@@ -113,6 +113,19 @@ pub async fn render_state_metrics(backend: &dyn AdminBackend) -> String {
         let state_lock = backend.state();
         let state = state_lock.read().await;
         let apps = service::applications(&state, now);
+        if let Some(cat) = state.catalog().catalog() {
+            let mut f = Family::new(
+                &mut out,
+                "kms_catalog_info",
+                "gauge",
+                "The replicated product catalog (always 1; version and source as labels).",
+            );
+            f.sample(
+                "kms_catalog_info",
+                &[("version", &cat.version), ("source", &cat.source)],
+                1.0,
+            );
+        }
 
         let mut f = Family::new(
             &mut out,

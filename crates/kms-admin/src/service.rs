@@ -81,21 +81,34 @@ pub async fn status(backend: &dyn AdminBackend) -> StatusResponse {
     let policy = state.policy();
     let identity = state.identity();
     let apps = applications(&state, now);
+    let cats = state.catalog();
+    let installed: Vec<Uuid> = cats
+        .catalog()
+        .map(|c| {
+            c.applications
+                .iter()
+                .filter_map(|a| cats.installed(&a.id).map(|k| k.id))
+                .collect()
+        })
+        .unwrap_or_default();
     let epids = identity
         .map(|i| {
             i.epids
                 .iter()
                 .map(|(csvlk_id, epid)| EpidStatus {
                     csvlk_id: *csvlk_id,
-                    csvlk: catalog()
-                        .csvlk(csvlk_id)
-                        .map_or_else(|| csvlk_id.to_string(), |c| c.name.to_owned()),
+                    csvlk: cats
+                        .catalog()
+                        .and_then(|c| c.host_key(csvlk_id))
+                        .map_or_else(|| csvlk_id.to_string(), |c| c.name.clone()),
                     epid: epid.clone(),
-                    licensed: policy.licensed_csvlks.contains(csvlk_id),
+                    licensed: installed.contains(csvlk_id),
                 })
                 .collect()
         })
         .unwrap_or_default();
+    let _ = policy;
+    let catalog = catalog_summary(&state);
     StatusResponse {
         node_id: node.node_id,
         role: node.role,
@@ -133,6 +146,7 @@ pub async fn status(backend: &dyn AdminBackend) -> StatusResponse {
         hwid: identity.map(HostIdentity::hwid_hex),
         host_build: identity.map(|i| i.host_build),
         epids,
+        catalog,
         registered_clients: state.client_count() as u64,
         time_ms: now,
     }
@@ -266,7 +280,24 @@ pub fn clients_csv(page: &ClientsPage) -> String {
 }
 
 pub fn policy_view(p: &Policy) -> PolicyView {
+    policy_view_with(p, Default::default())
+}
+
+fn installed_host_keys(state: &State) -> std::collections::BTreeMap<Uuid, Uuid> {
+    let cats = state.catalog();
+    cats.catalog()
+        .map(|c| {
+            c.applications
+                .iter()
+                .map(|a| (a.id, cats.installed(&a.id).map_or(Uuid::nil(), |k| k.id)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn policy_view_with(p: &Policy, host_keys: std::collections::BTreeMap<Uuid, Uuid>) -> PolicyView {
     PolicyView {
+        host_keys,
         activation_interval: p.activation_interval,
         renewal_interval: p.renewal_interval,
         product_policy: policy_name(p.product_policy).to_owned(),
@@ -280,7 +311,7 @@ pub fn policy_view(p: &Policy) -> PolicyView {
 pub fn config_view(state: &State) -> ConfigView {
     ConfigView {
         version: state.config_version(),
-        policy: policy_view(state.policy()),
+        policy: policy_view_with(state.policy(), installed_host_keys(state)),
         identity: state.identity().map(|i| IdentityView {
             cluster_id: i.cluster_id,
             hwid: i.hwid_hex(),
@@ -289,6 +320,82 @@ pub fn config_view(state: &State) -> ConfigView {
             epids: i.epids.clone(),
         }),
     }
+}
+
+/// The host keys after `patch` (`host_keys`, or the legacy `licensed_csvlks` mapped to the
+/// newest listed key per application), checked against the replicated catalog; `None` when
+/// the patch names neither or nothing changes.
+fn patched_host_keys(
+    state: &State,
+    patch: &PolicyPatch,
+    now: u64,
+) -> Result<Option<kms_core::HostKeys>, ApiError> {
+    if patch.host_keys.is_none() && patch.licensed_csvlks.is_none() {
+        return Ok(None);
+    }
+    let cats = state.catalog();
+    let Some(cat) = cats.catalog() else {
+        return Err(ApiError::Conflict(
+            "no product catalog replicated yet".into(),
+        ));
+    };
+    let mut keys = cats.configured_host_keys().clone();
+    if let Some(legacy) = &patch.licensed_csvlks {
+        let mut chosen: std::collections::BTreeMap<Uuid, &kms_catalog::HostKeyData> =
+            Default::default();
+        for id in legacy {
+            let key = cat.host_key(id).ok_or_else(|| {
+                ApiError::invalid(
+                    "policy.licensed_csvlks",
+                    format!("{id} is not a host key of the catalog"),
+                )
+            })?;
+            if chosen
+                .get(&key.application_id)
+                .is_none_or(|c| c.release_date < key.release_date)
+            {
+                chosen.insert(key.application_id, key);
+            }
+        }
+        // Applications the list does not cover get no key (strict refuses them, as before).
+        for a in &cat.applications {
+            keys.insert(a.id, chosen.get(&a.id).map_or(Uuid::nil(), |k| k.id));
+        }
+    }
+    if let Some(named) = &patch.host_keys {
+        keys.clear();
+        for (app_name, id) in named {
+            let field = format!("policy.host_keys.{app_name}");
+            let app =
+                names::parse_application(app_name).map_err(|e| ApiError::invalid(&field, e))?;
+            if id.is_nil() {
+                keys.insert(app, *id); // no host key installed for this application
+                continue;
+            }
+            let key = cat.host_key(id).ok_or_else(|| {
+                ApiError::invalid(&field, format!("{id} is not a host key of the catalog"))
+            })?;
+            if key.application_id != app {
+                return Err(ApiError::invalid(
+                    &field,
+                    format!("{id} ({}) is a host key of another application", key.name),
+                ));
+            }
+            keys.insert(app, *id);
+        }
+    }
+    if &keys == cats.configured_host_keys() {
+        return Ok(None);
+    }
+    Ok(Some(match state.identity() {
+        Some(identity) => {
+            kms_core::catalog::host_keys_update(identity, cat, keys, now, rand::random())
+        }
+        None => kms_core::HostKeys {
+            keys,
+            ..Default::default()
+        },
+    }))
 }
 
 /// The policy after `patch`, validated (errors name `policy.<field>`).
@@ -303,9 +410,7 @@ pub fn patched_policy(current: &Policy, patch: &PolicyPatch) -> Result<Policy, A
     if let Some(v) = patch.product_policy {
         p.product_policy = v;
     }
-    if let Some(v) = &patch.licensed_csvlks {
-        p.licensed_csvlks = v.clone();
-    }
+    // `licensed_csvlks` is turned into host keys (`patched_host_keys`), never stored.
     if let Some(v) = patch.max_clock_skew_minutes {
         p.max_clock_skew_minutes = v;
     }
@@ -355,6 +460,10 @@ pub async fn update_config(
     let change = {
         let state_lock = backend.state();
         let state = state_lock.read().await;
+        let host_keys = match &update.policy {
+            Some(patch) => patched_host_keys(&state, patch, backend.now_ms())?,
+            None => None,
+        };
         let policy = match &update.policy {
             Some(patch) => {
                 patched_policy(state.policy(), patch)?;
@@ -379,6 +488,7 @@ pub async fn update_config(
             expected_version: update.expected_version,
             policy,
             identity,
+            host_keys,
         }
     };
     let applied = match backend.propose(Command::ChangeConfig(change)).await? {
@@ -419,32 +529,47 @@ fn core_policy_patch(patch: &PolicyPatch) -> kms_core::PolicyPatch {
         activation_interval: patch.activation_interval,
         renewal_interval: patch.renewal_interval,
         product_policy: patch.product_policy,
-        licensed_csvlks: patch.licensed_csvlks.clone(),
+        // `licensed_csvlks` is turned into host keys (`patched_host_keys`), never stored.
+        licensed_csvlks: None,
         max_clock_skew_minutes: patch.max_clock_skew_minutes,
         client_networks: patch.client_networks.clone(),
         registry_retention_days: patch.registry_retention_days,
     }
 }
 
-/// `GET /api/v1/products`.
+/// `GET /api/v1/products`: every KMS id of the replicated catalog, whether it activates under
+/// the current policy and which installed host key (and so which ePID) answers it.
 pub fn products(state: &State, search: Option<&str>, activated: Option<bool>) -> ProductsResponse {
-    let cat = catalog();
     let policy = state.policy();
     let identity = state.identity();
+    let cats = state.catalog();
+    let Some(cat) = cats.catalog() else {
+        return ProductsResponse {
+            product_policy: policy_name(policy.product_policy).to_owned(),
+            products: Vec::new(),
+            csvlks: Vec::new(),
+        };
+    };
     let words: Vec<String> = search
         .map(|s| s.split_whitespace().map(str::to_lowercase).collect())
         .unwrap_or_default();
+    let installed: Vec<Uuid> = cat
+        .applications
+        .iter()
+        .filter_map(|a| cats.installed(&a.id).map(|k| k.id))
+        .collect();
     let products = cat
-        .kms_items()
+        .kms_items
         .iter()
         .filter_map(|item| {
             let skus: Vec<SkuView> = cat
-                .skus_of(&item.id)
-                .into_iter()
+                .skus
+                .iter()
+                .filter(|s| s.kms_item_id == item.id)
                 .map(|s| SkuView {
                     sku_id: s.id,
-                    name: s.name.to_owned(),
-                    gvlk: s.gvlk.map(str::to_owned),
+                    name: s.name.clone(),
+                    gvlk: s.gvlk.clone(),
                 })
                 .collect();
             if !words.is_empty() {
@@ -456,48 +581,51 @@ pub fn products(state: &State, search: Option<&str>, activated: Option<bool>) ->
                     return None;
                 }
             }
+            let key = cats.host_key_for(&item.application_id);
+            let covered = cats
+                .installed(&item.application_id)
+                .is_some_and(|k| k.activates(&item.id));
             let allowed = match policy.product_policy {
                 ProductPolicy::Open => true,
-                ProductPolicy::Strict => policy
-                    .licensed_csvlks
-                    .iter()
-                    .any(|id| cat.csvlk(id).is_some_and(|c| c.activates(&item.id))),
+                ProductPolicy::Strict => covered && !item.is_retail && !item.is_preview,
             };
-            let answering = identity.and_then(|i| {
-                i.epid_for(&item.application_id, &item.id, &policy.licensed_csvlks)
-                    .map(|(id, _)| id)
-            });
+            let answering = key
+                .filter(|k| identity.is_some_and(|i| i.epids.contains_key(&k.id)))
+                .map(|k| k.id);
             let is_activated = allowed && answering.is_some();
             if activated.is_some_and(|want| want != is_activated) {
                 return None;
             }
             Some(ProductView {
                 kms_id: item.id,
-                name: item.name.to_owned(),
+                name: item.name.clone(),
                 application_id: item.application_id,
-                application: names::application_name(&item.application_id),
+                application: cat.application(&item.application_id).map_or_else(
+                    || names::application_name(&item.application_id),
+                    |a| a.name.clone(),
+                ),
                 n_count_policy: item.n_count_policy,
                 is_retail: item.is_retail,
                 is_preview: item.is_preview,
                 activated: is_activated,
                 csvlk_id: answering,
                 csvlk: answering
-                    .and_then(|id| cat.csvlk(&id))
-                    .map(|c| c.name.to_owned()),
+                    .and_then(|id| cat.host_key(&id))
+                    .map(|c| c.name.clone()),
                 skus,
             })
         })
         .collect();
     let csvlks = cat
-        .csvlks()
+        .host_keys
         .iter()
         .map(|c| CsvlkView {
             csvlk_id: c.id,
-            name: c.name.to_owned(),
+            name: c.name.clone(),
             group_id: c.group_id,
-            licensed: policy.licensed_csvlks.contains(&c.id),
-            is_lab: c.is_lab,
-            is_preview: c.is_preview,
+            licensed: installed.contains(&c.id),
+            is_lab: !c.installable,
+            is_preview: false,
             activates: c.activates.len(),
         })
         .collect();
@@ -506,6 +634,122 @@ pub fn products(state: &State, search: Option<&str>, activated: Option<bool>) ->
         products,
         csvlks,
     }
+}
+
+/// The replicated catalog in short, with the host key (and ePID) per application.
+pub fn catalog_summary(state: &State) -> Option<CatalogSummary> {
+    let cats = state.catalog();
+    let cat = cats.catalog()?;
+    let installed = cat
+        .applications
+        .iter()
+        .filter_map(|a| {
+            let key = cats.installed(&a.id)?;
+            Some(InstalledHostKey {
+                application_id: a.id,
+                application: a.name.clone(),
+                host_key_id: key.id,
+                host_key: key.name.clone(),
+                configured: cats.configured_host_keys().contains_key(&a.id),
+                epid: state.identity().and_then(|i| i.epids.get(&key.id).cloned()),
+            })
+        })
+        .collect();
+    Some(CatalogSummary {
+        version: cat.version.clone(),
+        source: cat.source.clone(),
+        kms_items: cat.kms_items.len(),
+        skus: cat.skus.len(),
+        host_keys: cat.host_keys.len(),
+        installed,
+    })
+}
+
+/// `PUT /api/v1/catalog`: validates a whole catalog and replicates it (`SetCatalog`), with
+/// ePIDs for its host keys the identity lacks. A bad catalog changes nothing.
+pub async fn import_catalog(
+    backend: &dyn AdminBackend,
+    catalog: kms_catalog::CatalogData,
+) -> Result<CatalogSummary, ApiError> {
+    let catalog = catalog.normalized();
+    catalog
+        .validate()
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    let update = {
+        let state_lock = backend.state();
+        let state = state_lock.read().await;
+        let Some(identity) = state.identity() else {
+            return Err(ApiError::Conflict(
+                "the host identity does not exist yet".into(),
+            ));
+        };
+        let keys: Vec<&kms_catalog::HostKeyData> = catalog.host_keys.iter().collect();
+        let epids = kms_core::catalog::missing_epids(
+            identity,
+            &keys,
+            identity.host_build,
+            backend.now_ms(),
+            rand::random(),
+        );
+        kms_core::CatalogUpdate {
+            catalog: catalog.clone(),
+            epids,
+        }
+    };
+    match backend.propose(Command::SetCatalog(update)).await? {
+        CommandResult::Catalog(Ok(_)) => {}
+        CommandResult::Catalog(Err(e)) => return Err(ApiError::invalid("catalog", e)),
+        other => {
+            return Err(ApiError::invalid(
+                "catalog",
+                format!("unexpected result {other:?}"),
+            ))
+        }
+    }
+    backend.events().push(
+        backend.now_ms(),
+        ids::CONFIG,
+        "info",
+        format!(
+            "product catalog {} from {} replicated",
+            catalog.version, catalog.source
+        ),
+        serde_json::json!({ "version": catalog.version, "source": catalog.source }),
+    );
+    // This node may apply the entry a moment later (a follower): answer from the catalog
+    // that was committed and the host keys it resolves to.
+    let state_lock = backend.state();
+    let state = state_lock.read().await;
+    let configured = state.catalog().configured_host_keys().clone();
+    let installed = catalog
+        .applications
+        .iter()
+        .filter_map(|a| {
+            let key = match configured.get(&a.id) {
+                Some(id) if id.is_nil() => None,
+                Some(id) => catalog
+                    .host_key(id)
+                    .or_else(|| catalog.default_host_key(&a.id)),
+                None => catalog.default_host_key(&a.id),
+            }?;
+            Some(InstalledHostKey {
+                application_id: a.id,
+                application: a.name.clone(),
+                host_key_id: key.id,
+                host_key: key.name.clone(),
+                configured: configured.get(&a.id) == Some(&key.id),
+                epid: state.identity().and_then(|i| i.epids.get(&key.id).cloned()),
+            })
+        })
+        .collect();
+    Ok(CatalogSummary {
+        version: catalog.version.clone(),
+        source: catalog.source.clone(),
+        kms_items: catalog.kms_items.len(),
+        skus: catalog.skus.len(),
+        host_keys: catalog.host_keys.len(),
+        installed,
+    })
 }
 
 /// Unix ms of the latest granted activation in the registry (for the idle alert).

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::Json;
 
 use crate::api::AppState;
-use crate::backend::{CreateTokenRequest, CreatedTokenView, JoinTokenView};
+use crate::backend::{CertificateView, CreateTokenRequest, CreatedTokenView, JoinTokenView};
 use crate::error::{ApiError, ErrorBody};
 use crate::events::ids;
 use crate::extract::ApiJson;
@@ -110,4 +110,30 @@ pub async fn revoke_token(
         serde_json::json!({ "token_id": id }),
     );
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Has the leader issue this node a new certificate (built-in cluster PKI). The node stores
+/// it and presents it from its next start; the cluster keeps the current one valid until the
+/// one after is issued, so a node is never cut off by its own rotation.
+#[utoipa::path(
+    post, path = "/api/v1/cluster/certificate", tag = "cluster",
+    responses(
+        (status = 200, description = "Issued and stored", body = CertificateView),
+        (status = 400, description = "No built-in PKI on this node", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token", body = ErrorBody),
+        (status = 503, description = "No leader to issue it", body = ErrorBody)
+    )
+)]
+pub async fn rotate_certificate(
+    State(s): State<AppState>,
+) -> Result<Json<CertificateView>, ApiError> {
+    let view = s.backend.rotate_certificate().await?;
+    s.backend.events().push(
+        s.backend.now_ms(),
+        ids::MEMBERSHIP,
+        "info",
+        "node certificate renewed; presented from the next start".to_owned(),
+        serde_json::json!({ "fingerprint": view.fingerprint, "days_left": view.days_left }),
+    );
+    Ok(Json(view))
 }

@@ -112,6 +112,10 @@ pub struct StatusResponse {
     pub hwid: Option<String>,
     pub host_build: Option<u32>,
     pub epids: Vec<EpidStatus>,
+    /// The replicated product catalog and the installed host keys (`None` before the first
+    /// catalog is replicated).
+    #[serde(default)]
+    pub catalog: Option<CatalogSummary>,
     /// Clients in the registry (per application list).
     pub registered_clients: u64,
     /// Server time of this answer, Unix milliseconds.
@@ -211,9 +215,13 @@ pub struct EventsPage {
 pub struct PolicyView {
     pub activation_interval: u32,
     pub renewal_interval: u32,
-    /// `open` (any KMS id) or `strict` (only KMS ids of licensed CSVLKs).
+    /// `open` (any KMS id) or `strict` (only what the installed host keys activate).
     pub product_policy: String,
+    /// Legacy, always empty once a catalog is replicated (see `host_keys`).
     pub licensed_csvlks: Vec<Uuid>,
+    /// Host key installed per application id (configured or the catalog's default).
+    #[serde(default)]
+    pub host_keys: BTreeMap<Uuid, Uuid>,
     /// `null` = the clock-skew check is off.
     pub max_clock_skew_minutes: Option<u32>,
     /// CIDRs allowed to connect; empty = everyone.
@@ -265,7 +273,11 @@ pub struct PolicyPatch {
     /// `open` or `strict`.
     #[schema(value_type = Option<String>)]
     pub product_policy: Option<kms_core::policy::ProductPolicy>,
+    /// Deprecated: mapped to `host_keys` (the newest listed key per application).
     pub licensed_csvlks: Option<Vec<Uuid>>,
+    /// Installed host key per application (`windows`, `office`, `office2010` or an
+    /// application id) -> host key id of the catalog; replaces the whole choice.
+    pub host_keys: Option<BTreeMap<String, Uuid>>,
     /// 1..=43200 minutes; `null` turns the check off.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<u32>)]
@@ -361,4 +373,27 @@ pub struct HealthResponse {
     pub status: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// The host key installed for one application and the ePID answering its clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct InstalledHostKey {
+    pub application_id: Uuid,
+    pub application: String,
+    pub host_key_id: Uuid,
+    pub host_key: String,
+    /// Whether the operator chose it (`false`: the catalog's default, the newest).
+    pub configured: bool,
+    pub epid: Option<String>,
+}
+
+/// The replicated catalog in short (`GET /api/v1/status`, answer of `PUT /api/v1/catalog`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CatalogSummary {
+    pub version: String,
+    pub source: String,
+    pub kms_items: usize,
+    pub skus: usize,
+    pub host_keys: usize,
+    pub installed: Vec<InstalledHostKey>,
 }

@@ -152,7 +152,8 @@ fn request(sku: &str, cmid: Uuid, status: u32, workstation: &str) -> ActivationR
         license_status: status,
         binding_expiration: 43_200,
         is_client_vm: false,
-        request_time: 0,
+        // The client's clock agrees with the host's (the clock check is on by default).
+        request_time: (T0 + 11_644_473_600_000) * 10_000,
         workstation_name: workstation.into(),
         protocol_major: 6,
         protocol_minor: 0,
@@ -165,6 +166,10 @@ fn request(sku: &str, cmid: Uuid, status: u32, workstation: &str) -> ActivationR
 fn fake() -> Arc<Fake> {
     let mut state = State::default();
     state.apply(&Command::InitIdentity(HostIdentity::generate(T0, [1; 32])));
+    state.apply(&Command::InitCatalog(kms_core::CatalogUpdate {
+        catalog: kms_catalog::CatalogData::builtin(),
+        epids: Default::default(),
+    }));
     let mut requests = vec![
         request(WIN_SKU, Uuid::from_u128(1), 2, "ws-alpha"),
         request(WIN_SKU, Uuid::from_u128(2), 2, "ws-beta"),
@@ -254,8 +259,11 @@ async fn openapi_document_matches_the_routes() {
     assert_eq!(
         names,
         [
+            "GET /api/v1/catalog",
+            "PUT /api/v1/catalog",
             "GET /api/v1/clients",
             "GET /api/v1/cluster",
+            "POST /api/v1/cluster/certificate",
             "POST /api/v1/cluster/join",
             "DELETE /api/v1/cluster/members/2",
             "GET /api/v1/cluster/tokens",
@@ -595,8 +603,22 @@ async fn config_put_changes_policy_and_identity_and_rejects_bad_input_without_ch
             "policy.product_policy",
         ),
         (
-            r#"{"policy": {"product_policy": "strict", "licensed_csvlks": []}}"#.into(),
+            format!(
+                r#"{{"policy": {{"licensed_csvlks": ["{}"]}}}}"#,
+                Uuid::from_u128(7)
+            ),
             "policy.licensed_csvlks",
+        ),
+        // A host key of another application (the Office 2016 key for Windows).
+        (
+            r#"{"policy": {"host_keys": {"windows": "98ebfe73-2084-4c97-932c-c0cd1643bea7"}}}"#
+                .into(),
+            "policy.host_keys.windows",
+        ),
+        (
+            r#"{"policy": {"host_keys": {"linux": "98ebfe73-2084-4c97-932c-c0cd1643bea7"}}}"#
+                .into(),
+            "policy.host_keys.linux",
         ),
         (
             r#"{"policy": {"client_networks": ["10.0.0.0/99"]}}"#.into(),
@@ -667,8 +689,20 @@ async fn config_put_changes_policy_and_identity_and_rejects_bad_input_without_ch
         state.identity().unwrap().hwid,
         [1, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF]
     );
+    // The legacy list became the Windows host key.
+    assert_eq!(
+        state
+            .catalog()
+            .configured_host_keys()
+            .get(&kms_catalog::well_known::WINDOWS),
+        Some(&csvlk)
+    );
+    assert_eq!(
+        after["policy"]["host_keys"][kms_catalog::well_known::WINDOWS.to_string()],
+        csvlk.to_string()
+    );
     drop(state);
-    // One command for policy and identity together (all or nothing, in `apply`).
+    // One command for host keys, policy and identity together (all or nothing, in `apply`).
     assert_eq!(backend.proposals.lock().unwrap().len(), 1);
     assert_eq!(after["version"], 1);
     let config_events = backend.events.query(&EventQuery {
@@ -722,7 +756,10 @@ async fn products_show_what_the_policy_activates() {
     let app = app(backend.clone());
     let open = get_json(&app, "/api/v1/products").await;
     let products = open["products"].as_array().unwrap();
-    assert_eq!(products.len(), kms_catalog::catalog().kms_items().len());
+    assert_eq!(
+        products.len(),
+        kms_catalog::CatalogData::builtin().kms_items.len()
+    );
     assert!(
         products.iter().all(|p| p["activated"] == true),
         "open policy activates all"
@@ -735,7 +772,7 @@ async fn products_show_what_the_policy_activates() {
         r#"{{"policy": {{"product_policy": "strict", "licensed_csvlks": ["{}"]}}}}"#,
         csvlk.id
     );
-    let (status, _) = call(
+    let (status, text) = call(
         &app,
         Method::PUT,
         "/api/v1/config",
@@ -743,7 +780,7 @@ async fn products_show_what_the_policy_activates() {
         Some(&body),
     )
     .await;
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(status, StatusCode::OK, "{text}");
     let strict = get_json(&app, "/api/v1/products?activated=true").await;
     let ids: Vec<String> = strict["products"]
         .as_array()
@@ -751,15 +788,11 @@ async fn products_show_what_the_policy_activates() {
         .iter()
         .map(|p| p["kms_id"].as_str().unwrap().to_owned())
         .collect();
-    let mut expected: Vec<String> = csvlk
-        .activates
-        .iter()
-        .filter(|k| kms_catalog::catalog().kms_item(k).is_some())
-        .map(|k| k.to_string())
-        .collect();
-    expected.sort();
+    // The legacy list names only the Office 2010 key: Office 2010 gets it, the other
+    // applications get no key, so exactly what that key activates is activated (as before).
     let mut got = ids.clone();
     got.sort();
+    let expected: Vec<String> = csvlk.activates.iter().map(|k| k.to_string()).collect();
     assert_eq!(got, expected);
     let licensed: Vec<&Value> = strict["csvlks"]
         .as_array()
@@ -768,6 +801,46 @@ async fn products_show_what_the_policy_activates() {
         .filter(|c| c["licensed"] == true)
         .collect();
     assert_eq!(licensed.len(), 1);
+    // Host keys per application: the newest Windows and Office keys, Office 2010's kept.
+    let data = kms_catalog::CatalogData::builtin();
+    let (ws2025, o2024) = (
+        data.default_host_key(&kms_catalog::well_known::WINDOWS)
+            .unwrap(),
+        data.default_host_key(&kms_catalog::well_known::OFFICE_2013)
+            .unwrap(),
+    );
+    let body = format!(
+        r#"{{"policy": {{"host_keys": {{"windows": "{}", "office": "{}", "office2010": "{}"}}}}}}"#,
+        ws2025.id, o2024.id, csvlk.id
+    );
+    let (status, text) = call(
+        &app,
+        Method::PUT,
+        "/api/v1/config",
+        Some(TOKEN),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let strict = get_json(&app, "/api/v1/products?activated=true").await;
+    let mut got: Vec<String> = strict["products"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kms_id"].as_str().unwrap().to_owned())
+        .collect();
+    got.sort();
+    let mut expected: Vec<String> = [ws2025, o2024, data.host_key(&csvlk.id).unwrap()]
+        .iter()
+        .flat_map(|k| k.activates.iter())
+        .filter(|k| {
+            data.kms_item(k)
+                .is_some_and(|i| !i.is_retail && !i.is_preview)
+        })
+        .map(|k| k.to_string())
+        .collect();
+    expected.sort();
+    assert_eq!(got, expected);
     let search = get_json(&app, "/api/v1/products?search=professional%20plus%202016").await;
     assert!(search["products"]
         .as_array()
@@ -989,4 +1062,68 @@ async fn readyz_scopes_member_and_kms() {
         let (status, body) = call(&app, Method::GET, path, None, None).await;
         assert_400(status, &body, field);
     }
+}
+
+#[tokio::test]
+async fn catalog_get_put_validates_whole_and_replicates() {
+    let backend = fake();
+    let app = app(backend.clone());
+    let mut catalog = get_json(&app, "/api/v1/catalog").await;
+    assert_eq!(catalog["source"], "built-in");
+    let status = get_json(&app, "/api/v1/status").await;
+    assert_eq!(status["catalog"]["source"], "built-in");
+    assert_eq!(status["catalog"]["installed"].as_array().unwrap().len(), 3);
+    let snapshot_before = backend.state.read().await.to_snapshot();
+
+    // Bad files are refused whole, naming the problem; nothing changes.
+    let mut dangling = catalog.clone();
+    dangling["host_keys"][0]["activates"] = serde_json::json!([Uuid::from_u128(9)]);
+    let mut bad_gvlk = catalog.clone();
+    bad_gvlk["skus"][0]["gvlk"] = "NOT-A-KEY".into();
+    let mut unknown_field = catalog.clone();
+    unknown_field["kms_items"][0]["colour"] = "red".into();
+    for (body, field) in [
+        (dangling.to_string(), "host_keys[0].activates[0]"),
+        (bad_gvlk.to_string(), "skus[0].gvlk"),
+        (unknown_field.to_string(), "kms_items[0].colour"),
+        ("{\"version\": 1}".to_owned(), "version"),
+        ("[".to_owned(), "body"),
+    ] {
+        let (status, text) = call(
+            &app,
+            Method::PUT,
+            "/api/v1/catalog",
+            Some(TOKEN),
+            Some(&body),
+        )
+        .await;
+        assert_400(status, &text, field);
+    }
+    assert_eq!(backend.state.read().await.to_snapshot(), snapshot_before);
+
+    // A good one (larger than the 64 KiB other bodies may have) replaces it everywhere.
+    catalog["version"] = "2027.1".into();
+    catalog["source"] = "corp-catalog.json".into();
+    let body = catalog.to_string();
+    assert!(body.len() > 64 * 1024);
+    let (status, text) = call(
+        &app,
+        Method::PUT,
+        "/api/v1/catalog",
+        Some(TOKEN),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let summary: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(summary["version"], "2027.1");
+    let state = backend.state.read().await;
+    let replicated = state.catalog().catalog().unwrap();
+    assert_eq!(replicated.source, "corp-catalog.json");
+    drop(state);
+    let (_, metrics) = call(&app, Method::GET, "/metrics", None, None).await;
+    assert!(
+        metrics.contains("kms_catalog_info{version=\"2027.1\",source=\"corp-catalog.json\"} 1"),
+        "{metrics}"
+    );
 }

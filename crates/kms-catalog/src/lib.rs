@@ -26,6 +26,8 @@ pub struct KmsItem {
     pub default_protocol: u16,
     pub is_retail: bool,
     pub is_preview: bool,
+    /// Where the facts come from (a key of [`SOURCES`]).
+    pub source: &'static str,
 }
 
 /// An edition (activation id) with its public volume-licence setup key.
@@ -36,12 +38,23 @@ pub struct Sku {
     pub kms_item_id: Uuid,
     /// Generic volume license key (GVLK), if published.
     pub gvlk: Option<&'static str>,
+    /// Where the facts come from (a key of [`SOURCES`]).
+    pub source: &'static str,
 }
 
 /// A KMS host key group (CSVLK) and the KMS ids it activates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Csvlk {
     pub id: Uuid,
+    /// The application whose KMS ids this key activates (nil if it activates none).
+    pub application_id: Uuid,
+    /// Whether an organisation can install it on its own host (not lab, preview, Azure-only).
+    pub installable: bool,
+    /// Newest Windows build it can be installed on, per Microsoft's "CSVLK can be hosted on"
+    /// (0: no limit known).
+    pub max_host_build: u32,
+    /// Source of the activation list (a key of [`SOURCES`]).
+    pub source: &'static str,
     pub name: &'static str,
     /// ePID group id (e.g. 206); `None` when the catalog does not give one.
     pub group_id: Option<u32>,
@@ -126,6 +139,9 @@ pub mod well_known {
 }
 
 include!(concat!(env!("OUT_DIR"), "/catalog_data.rs"));
+
+pub mod replicated;
+pub use replicated::{CatalogData, CatalogError, HostKeyData};
 
 /// The whole catalog.
 #[derive(Debug)]

@@ -8,6 +8,37 @@ use roxmltree::{Document, Node};
 use uuid::{uuid, Uuid};
 
 const XML: &str = include_str!("../data/KmsDataBase.xml");
+const OVERLAY: &str = include_str!("../data/microsoft.toml");
+
+/// What `data/microsoft.toml` changes: KMS ids it defines, fabricated ids it replaces
+/// (old -> new), SKUs and host keys it sets. Those are checked against the overlay, the rest
+/// against the XML.
+struct Overlaid {
+    items: HashSet<Uuid>,
+    replaced: std::collections::HashMap<Uuid, Uuid>,
+    skus: HashSet<Uuid>,
+    host_keys: HashSet<Uuid>,
+}
+
+fn overlaid() -> Overlaid {
+    let v: toml::Value = toml::from_str(OVERLAY).expect("overlay parses");
+    let ids = |table: &str| -> Vec<&toml::Value> {
+        v.get(table)
+            .and_then(|t| t.as_array())
+            .map(|a| a.iter().collect())
+            .unwrap_or_default()
+    };
+    let id = |e: &toml::Value, k: &str| e.get(k).and_then(|x| x.as_str()).map(guid);
+    Overlaid {
+        items: ids("kms_item").iter().filter_map(|e| id(e, "id")).collect(),
+        replaced: ids("kms_item")
+            .iter()
+            .filter_map(|e| Some((id(e, "replaces")?, id(e, "id")?)))
+            .collect(),
+        skus: ids("sku").iter().filter_map(|e| id(e, "id")).collect(),
+        host_keys: ids("host_key").iter().filter_map(|e| id(e, "id")).collect(),
+    }
+}
 
 fn guid(s: &str) -> Uuid {
     Uuid::parse_str(s.trim_matches(|c| c == '{' || c == '}')).expect("GUID in XML")
@@ -55,9 +86,25 @@ fn applications_match_xml() {
 fn kms_items_match_xml() {
     let doc = Document::parse(XML).unwrap();
     let xml = elements(&doc, "KmsItem");
-    assert_eq!(catalog().kms_items().len(), xml.len());
+    let o = overlaid();
+    let xml_ids: HashSet<Uuid> = xml
+        .iter()
+        .map(|n| guid(n.attribute("Id").unwrap()))
+        .collect();
+    let added = o.items.iter().filter(|i| !xml_ids.contains(i)).count();
+    assert_eq!(
+        catalog().kms_items().len(),
+        xml.len() - o.replaced.len() + added
+    );
     for n in xml {
         let id = guid(n.attribute("Id").unwrap());
+        if o.replaced.contains_key(&id) {
+            assert!(catalog().kms_item(&id).is_none(), "fabricated {id} dropped");
+            continue;
+        }
+        if o.items.contains(&id) {
+            continue;
+        }
         let k = catalog().kms_item(&id).expect("KMS item present");
         assert_eq!(k.name, n.attribute("DisplayName").unwrap());
         assert_eq!(k.application_id, parent_id(n));
@@ -83,12 +130,23 @@ fn skus_match_xml() {
     let doc = Document::parse(XML).unwrap();
     let xml = elements(&doc, "SkuItem");
     assert!(xml.len() > 200);
+    let o = overlaid();
     assert_eq!(catalog().skus().len(), xml.len());
     for n in xml {
         let id = guid(n.attribute("Id").unwrap());
         let s = catalog().sku(&id).expect("SKU present");
+        assert!(catalog().kms_item(&s.kms_item_id).is_some());
+        if o.skus.contains(&id) {
+            assert_ne!(s.source, "xml");
+            continue;
+        }
+        assert_eq!(s.source, "xml");
         assert_eq!(s.name, n.attribute("DisplayName").unwrap());
-        assert_eq!(s.kms_item_id, parent_id(n));
+        let parent = parent_id(n);
+        assert_eq!(
+            s.kms_item_id,
+            o.replaced.get(&parent).copied().unwrap_or(parent)
+        );
         assert_eq!(s.gvlk, n.attribute("Gvlk").filter(|g| !g.is_empty()));
         assert!(catalog().kms_item(&s.kms_item_id).is_some());
     }
@@ -110,16 +168,23 @@ fn csvlks_match_xml() {
         }
         expected += 1;
         let c = catalog().csvlk(&id).expect("CSVLK present");
+        if overlaid().host_keys.contains(&id) {
+            continue; // checked against the overlay (kms-core's matrix tests)
+        }
         assert_eq!(c.name, n.attribute("DisplayName").unwrap());
         let group = n
             .attribute("GroupId")
             .filter(|g| !g.is_empty())
             .map(|g| g.parse().unwrap());
         assert_eq!(c.group_id, group, "{}", c.name);
+        let o = overlaid();
         let activates: Vec<Uuid> = n
             .children()
             .filter(|a| a.has_tag_name("Activate"))
             .map(|a| guid(a.attribute("KmsItem").unwrap()))
+            .map(|k| o.replaced.get(&k).copied().unwrap_or(k))
+            // References to KMS ids the file never defines are dropped.
+            .filter(|k| catalog().kms_item(k).is_some())
             .collect();
         assert_eq!(c.activates, activates.as_slice(), "{}", c.name);
         if let Some(min) = n.attribute("MinKeyId").filter(|v| !v.is_empty()) {
@@ -228,9 +293,12 @@ fn kms_ids_from_spec() {
         .unwrap();
     assert_eq!(o2010.application_id, well_known::OFFICE_2010);
     assert_eq!(o2010.default_protocol, 4);
-    // Misspelled attribute `DefaultKmsprotocol` on Office 2024 is still read.
-    let o2024 = c
+    // The fabricated Office 2024 id is replaced by the genuine one.
+    assert!(c
         .kms_item(&uuid!("1b4db7eb-4057-5ddf-91e0-36dec72071f5"))
+        .is_none());
+    let o2024 = c
+        .kms_item(&uuid!("a8973cb5-bf03-0a4c-9cef-703099645ab3"))
         .unwrap();
     assert_eq!(o2024.default_protocol, 6);
     let w8 = c
@@ -325,10 +393,10 @@ fn csvlks_for_kms_id() {
     assert!(all.len() >= 5);
     assert!(all.iter().all(|k| k.activates(&w10)));
     let def = c.default_csvlk_for(&w10).unwrap();
-    assert_eq!(def.group_id, Some(206));
+    assert_eq!(def.group_id, Some(4919));
     assert!(!def.is_lab && !def.is_preview && def.can_make_epid());
-    // Newest non-lab key activating Windows 10 volume: "Windows 10 2019".
-    assert_eq!(def.name, "Windows 10 2019");
+    // Newest non-lab key activating Windows 10 volume: Windows Server 2025's (down-level).
+    assert_eq!(def.name, "Windows Server 2025");
     let ranked = c.ranked_csvlks_for(&w10);
     assert_eq!(ranked.len(), all.len());
     assert_eq!(ranked[0].id, def.id);
@@ -344,14 +412,14 @@ fn csvlks_for_kms_id() {
     let ent = c.sku_by_name("Windows 10 Enterprise").unwrap();
     assert_eq!(
         c.default_csvlk_for(&ent.kms_item_id).unwrap().group_id,
-        Some(206)
+        Some(4919)
     );
 
     let s2019 = uuid!("8449b1fb-f0ea-497a-99ab-66ca96e9a0f5");
-    assert_eq!(
-        c.default_csvlk_for(&s2019).unwrap().id,
-        well_known::CSVLK_WINDOWS_SERVER_2019
-    );
+    assert!(c
+        .csvlks_for(&s2019)
+        .iter()
+        .any(|k| k.id == well_known::CSVLK_WINDOWS_SERVER_2019));
     let o2010 = uuid!("e85af946-2e25-47b7-83e1-bebcebeac611");
     assert_eq!(c.default_csvlk_for(&o2010).unwrap().group_id, Some(96));
     // "Windows 10 Unknown (Volume)" is activated by no CSVLK in the data.
@@ -385,4 +453,106 @@ fn default_csvlk_per_application() {
             assert!(other.release_date <= o15.release_date, "{}", other.name);
         }
     }
+}
+
+#[test]
+fn genuine_ids_have_the_right_names_and_sources() {
+    let data = kms_catalog::CatalogData::builtin();
+    data.validate().expect("the built-in catalog is valid");
+    for (id, name) in [
+        (
+            "907f1f65-adcd-4a2e-95bc-4bf500bc6e58",
+            "Windows Server 2025",
+        ),
+        ("a8973cb5-bf03-0a4c-9cef-703099645ab3", "Office LTSC 2024"),
+        (
+            "3b576817-7b75-4362-9e13-223f2d9e9c97",
+            "Windows 10/11 2021 LTSC (Volume)",
+        ),
+        (
+            "e85ee727-69c4-4528-99d2-216b0f065e38",
+            "Windows 10/11 2024 LTSC (Volume)",
+        ),
+        ("86d50b16-4808-41af-b83b-b338274318b2", "Office LTSC 2021"),
+    ] {
+        let item = data.kms_item(&guid(id)).expect(id);
+        assert_eq!(item.name, name);
+        assert_eq!(item.source, "pkeyconfig");
+    }
+    for (sku, name, gvlk) in [
+        (
+            "c052f164-cdf6-409a-a0cb-853ba0f0f55a",
+            "Windows Server 2025 Datacenter",
+            "D764K-2NDRG-47T6Q-P8T8W-YP6DF",
+        ),
+        (
+            "7dc26449-db21-4e09-ba37-28f2958506a6",
+            "Windows Server 2025 Standard",
+            "TVRH6-WHNXV-R9WG3-9XRFY-MY832",
+        ),
+        (
+            "8d368fc1-9470-4be2-8d66-90e836cbb051",
+            "Office LTSC Professional Plus 2024",
+            "XJ2XN-FW8RK-P4HMP-DKDBV-GCVGB",
+        ),
+    ] {
+        let s = data.sku(&guid(sku)).unwrap();
+        assert_eq!((s.name.as_str(), s.gvlk.as_deref()), (name, Some(gvlk)));
+        assert!(s.source.starts_with("ms-"), "{}", s.source);
+    }
+    // Server 2025 editions live under the genuine id; so do Office LTSC 2024's.
+    assert_eq!(
+        data.sku(&guid("c052f164-cdf6-409a-a0cb-853ba0f0f55a"))
+            .unwrap()
+            .kms_item_id,
+        guid("907f1f65-adcd-4a2e-95bc-4bf500bc6e58")
+    );
+    // Every source a fact cites is described.
+    let known: HashSet<&str> = kms_catalog::SOURCES.iter().map(|(k, _)| *k).collect();
+    for h in &data.host_keys {
+        assert!(known.contains(h.source.as_str()), "{}", h.source);
+    }
+    // Defaults: the newest keys, Windows Server 2025 and Office LTSC 2024.
+    assert_eq!(
+        data.default_host_key(&well_known::WINDOWS).unwrap().name,
+        "Windows Server 2025"
+    );
+    assert_eq!(
+        data.default_host_key(&well_known::OFFICE_2013)
+            .unwrap()
+            .name,
+        "Office LTSC 2024"
+    );
+    assert_eq!(
+        data.default_host_key(&well_known::OFFICE_2010).unwrap().id,
+        well_known::CSVLK_OFFICE_2010
+    );
+}
+
+#[test]
+fn replicated_form_round_trips_and_bad_catalogs_name_the_field() {
+    let data = kms_catalog::CatalogData::builtin();
+    let json = serde_json::to_string(&data).unwrap();
+    let back: kms_catalog::CatalogData = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, data);
+    let mut bad = data.clone();
+    bad.host_keys[0].activates = vec![Uuid::from_u128(5)];
+    assert_eq!(
+        bad.validate().unwrap_err().field,
+        "host_keys[0].activates[0]"
+    );
+    let mut bad = data.clone();
+    bad.skus[1].kms_item_id = Uuid::from_u128(5);
+    assert_eq!(bad.validate().unwrap_err().field, "skus[1].kms_item_id");
+    let mut bad = data.clone();
+    bad.kms_items.swap(0, 1);
+    assert_eq!(bad.validate().unwrap_err().field, "kms_items[1].id");
+    assert!(bad.normalized().validate().is_ok(), "normalized sorts");
+    let mut bad = data.clone();
+    bad.host_keys
+        .retain(|h| h.application_id != well_known::OFFICE_2010);
+    assert_eq!(bad.validate().unwrap_err().field, "host_keys");
+    let mut bad = data;
+    bad.version = String::new();
+    assert_eq!(bad.validate().unwrap_err().field, "version");
 }

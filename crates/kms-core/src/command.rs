@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::catalog::{CatalogUpdate, HostKeys};
 use crate::security::{SecurityCommand, SecurityError};
 use crate::{HostIdentity, Policy, UnixMillis};
 
@@ -53,6 +54,13 @@ pub enum Command {
     Expire { now: UnixMillis },
     /// Changes the cluster's security state (CA, node certificates, join tokens).
     Security(SecurityCommand),
+    /// Installs the product catalog if the cluster has none yet (the compiled-in default,
+    /// proposed after the identity; later ones are ignored, like `InitIdentity`).
+    InitCatalog(CatalogUpdate),
+    /// Replaces the product catalog (an operator's import), validated again by `apply`.
+    SetCatalog(CatalogUpdate),
+    /// Names the installed host key per application.
+    SetHostKeys(HostKeys),
     /// A configuration patch (policy and identity overrides) applied as one change, on the
     /// configuration version it expects (compare-and-set). Appended last: the older
     /// variants keep their encoding.
@@ -131,13 +139,15 @@ pub struct ConfigChange {
     pub expected_version: Option<u64>,
     pub policy: Option<PolicyPatch>,
     pub identity: Option<IdentityPatch>,
+    /// Host keys to install (validated again by `apply`), applied before the identity patch.
+    pub host_keys: Option<crate::catalog::HostKeys>,
 }
 
 /// A configuration change applied: the new version and what changed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigApplied {
     pub version: u64,
-    /// `policy`, `identity`: the parts whose value changed.
+    /// `host_keys`, `policy`, `identity`: the parts whose value changed.
     pub changed: Vec<String>,
 }
 
@@ -193,6 +203,11 @@ pub enum CommandResult {
     Expired { clients: usize, cmids: usize },
     /// A security command applied, or why it was refused (nothing changed then).
     Security(Result<(), SecurityError>),
+    /// Catalog installed (`Ok(true)`), already present for `InitCatalog` (`Ok(false)`), or
+    /// refused with the reason (nothing changed).
+    Catalog(Result<bool, String>),
+    /// Host keys set, or refused with the reason.
+    HostKeys(Result<(), String>),
     /// A configuration change applied, or why it was not (nothing changed then).
     Config(Result<ConfigApplied, ConfigError>),
 }

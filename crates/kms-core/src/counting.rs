@@ -22,10 +22,20 @@ pub struct ListKey {
     pub known: bool,
 }
 
-/// Chooses the list for a request: the request's application id when the catalog knows it,
+/// Chooses the list for a request (with the replicated catalog): the request's application id
+/// when the catalog knows it,
 /// else the catalog application of its KMS id, else the request's application id (unknown).
-pub fn application_list(application_id: &Uuid, kms_counted_id: &Uuid) -> ListKey {
-    let catalog = kms_catalog::catalog();
+pub fn application_list_in(
+    catalog: Option<&kms_catalog::CatalogData>,
+    application_id: &Uuid,
+    kms_counted_id: &Uuid,
+) -> ListKey {
+    let Some(catalog) = catalog else {
+        return ListKey {
+            id: *application_id,
+            known: false,
+        };
+    };
     if catalog.application(application_id).is_some() {
         return ListKey {
             id: *application_id,
@@ -42,6 +52,18 @@ pub fn application_list(application_id: &Uuid, kms_counted_id: &Uuid) -> ListKey
         id: *application_id,
         known: false,
     }
+}
+
+/// [`application_list_in`] with the compiled-in catalog, for callers outside `apply` that only
+/// group requests (e.g. the queue of provisional answers); `apply` never uses it.
+pub fn application_list(application_id: &Uuid, kms_counted_id: &Uuid) -> ListKey {
+    let builtin = builtin_data();
+    application_list_in(Some(builtin), application_id, kms_counted_id)
+}
+
+fn builtin_data() -> &'static kms_catalog::CatalogData {
+    static BUILTIN: std::sync::OnceLock<kms_catalog::CatalogData> = std::sync::OnceLock::new();
+    BUILTIN.get_or_init(kms_catalog::CatalogData::builtin)
 }
 
 /// Converts a FILETIME (100 ns since 1601) to Unix milliseconds; negative before 1970.

@@ -105,40 +105,100 @@ impl HostIdentity {
         }
     }
 
-    /// Which CSVLK answers a request, and its ePID.
-    ///
-    /// In order: the first of `licensed_csvlks` whose Activate list contains `kms_id`; else the
-    /// catalog's default CSVLK for `kms_id`; else the default CSVLK of `application_id` (KMS ids
-    /// the catalog does not know). At each step a CSVLK for which this identity holds no ePID
-    /// is passed over (e.g. catalog entries without group id or key range), so the answer is
-    /// `None` only when even the application's default CSVLK has no ePID.
-    pub fn epid_for(
+    /// A new ePID for `key` (proposer side: random key id and date from `seed`), built on
+    /// this identity's host build and language. `None` when the key has no group id or range.
+    pub fn make_epid(
         &self,
-        application_id: &Uuid,
-        kms_id: &Uuid,
-        licensed_csvlks: &[Uuid],
-    ) -> Option<(Uuid, &str)> {
-        let cat = catalog();
-        let with_epid = |id: &Uuid| self.epids.get(id).map(|e| (*id, e.as_str()));
+        key: &kms_catalog::HostKeyData,
+        now: UnixMillis,
+        seed: [u8; 32],
+    ) -> Option<String> {
+        self.make_epid_on(key, self.host_build, now, seed)
+    }
 
-        let licensed = licensed_csvlks.iter().find_map(|id| {
-            cat.csvlk(id)
-                .filter(|c| c.activates(kms_id))
-                .and_then(|c| with_epid(&c.id))
-        });
-        licensed
-            .or_else(|| {
-                cat.ranked_csvlks_for(kms_id)
-                    .iter()
-                    .find_map(|c| with_epid(&c.id))
-            })
-            .or_else(|| with_epid(&cat.default_csvlk_for_application(application_id).id))
+    /// [`HostIdentity::make_epid`] on another host build (host keys changing the build).
+    pub fn make_epid_on(
+        &self,
+        key: &kms_catalog::HostKeyData,
+        host_build: u32,
+        now: UnixMillis,
+        seed: [u8; 32],
+    ) -> Option<String> {
+        let group = key.group_id?;
+        if !key.can_make_epid() {
+            return None;
+        }
+        let build = catalog().win_build(host_build);
+        let (platform_id, build_date) =
+            build.map_or((3612, 0), |b| (b.platform_id, b.release_date));
+        let now_secs = i64::try_from(now / 1000).unwrap_or(i64::MAX);
+        let mut r = ChaCha20Rng::from_seed(seed);
+        r.set_stream(stream_of(&key.id));
+        let key_id = r.gen_range(key.min_key_id..=key.max_key_id);
+        let earliest = key.release_date.max(build_date);
+        let date = if now_secs > earliest {
+            r.gen_range(earliest..=now_secs)
+        } else {
+            earliest
+        };
+        let (year, day_of_year) = year_and_day_of_year(date);
+        Some(format!(
+            "{platform_id:05}-{group:05}-{:03}-{:06}-03-{}-{}.0000-{day_of_year:03}{year:04}",
+            key_id / 1_000_000,
+            key_id % 1_000_000,
+            self.lcid,
+            host_build,
+        ))
     }
 
     /// The HWID as 16 uppercase hex digits in byte order (as vlmcs prints it).
     pub fn hwid_hex(&self) -> String {
         self.hwid.iter().map(|b| format!("{b:02X}")).collect()
     }
+}
+
+/// The host build an ePID claims (`...-BUILD.0000-...`).
+pub fn epid_build(epid: &str) -> Option<u32> {
+    epid.split('-')
+        .nth(6)
+        .and_then(|b| b.strip_suffix(".0000"))
+        .and_then(|b| b.parse().ok())
+}
+
+/// The host build a host with `keys` installed can claim: `current` when every key may be
+/// installed on it, else the newest server ePID build none of them excludes (Microsoft's
+/// "CSVLK can be hosted on"; `max_host_build`). Proposer side (reads the compiled-in builds).
+pub fn host_build_for(keys: &[&kms_catalog::HostKeyData], current: u32) -> u32 {
+    let limit = keys
+        .iter()
+        .map(|k| k.max_host_build)
+        .filter(|b| *b > 0)
+        .min();
+    match limit {
+        None => current,
+        Some(l) if current <= l => current,
+        Some(l) => catalog()
+            .win_builds()
+            .iter()
+            .filter(|b| b.use_for_epid && b.may_be_server && b.build <= l)
+            .map(|b| b.build)
+            .max()
+            .unwrap_or(current),
+    }
+}
+
+/// Whether `epid` fits `key`: same group id and a key id inside the key's range.
+pub fn epid_matches(epid: &str, key: &kms_catalog::HostKeyData) -> bool {
+    let parts: Vec<&str> = epid.split('-').collect();
+    let (Some(group), Some(hi), Some(lo)) = (parts.get(1), parts.get(2), parts.get(3)) else {
+        return false;
+    };
+    let num = |s: &str| s.parse::<u32>().ok();
+    let (Some(group), Some(hi), Some(lo)) = (num(group), num(hi), num(lo)) else {
+        return false;
+    };
+    let key_id = hi.saturating_mul(1_000_000).saturating_add(lo);
+    key.group_id == Some(group) && (key.min_key_id..=key.max_key_id).contains(&key_id)
 }
 
 /// Parses a HWID given as 16 hex digits in byte order (an optional `0x` prefix is accepted).
@@ -430,62 +490,28 @@ mod tests {
     }
 
     #[test]
-    fn epid_for_choices() {
+    fn made_epids_fit_their_host_key() {
         let id = ident(9);
-        let cat = catalog();
-        let group = |(csvlk, _): (Uuid, &str)| cat.csvlk(&csvlk).unwrap().group_id;
-
-        let win10 = uuid!("58e2134f-8e11-4d17-9cb2-91069c151148");
-        let got = id.epid_for(&well_known::WINDOWS, &win10, &[]).unwrap();
-        assert_eq!(group(got), Some(206));
-        assert!(cat.csvlk(&got.0).unwrap().activates(&win10));
-        assert_eq!(Some(got.1), id.epids.get(&got.0).map(String::as_str));
-
-        let office2010 = uuid!("e85af946-2e25-47b7-83e1-bebcebeac611");
-        let got = id
-            .epid_for(&well_known::OFFICE_2010, &office2010, &[])
-            .unwrap();
-        assert_eq!(group(got), Some(96));
-        assert!(got.1.contains("-00096-"));
-
-        // Unknown KMS id of an Office 2013+ client: an Office CSVLK answers.
-        let unknown = uuid!("00000000-1111-2222-3333-444444444444");
-        let got = id
-            .epid_for(&well_known::OFFICE_2013, &unknown, &[])
-            .unwrap();
-        let c = cat.csvlk(&got.0).unwrap();
-        assert!(c.ini_file_name.starts_with("Office"), "{}", c.name);
-        assert!(c.activates.iter().any(|k| cat
-            .kms_item(k)
-            .is_some_and(|i| i.application_id == well_known::OFFICE_2013)));
-        // Unknown KMS id, Windows or unknown application: Windows Server 2019 CSVLK.
-        for app in [well_known::WINDOWS, Uuid::nil()] {
-            let got = id.epid_for(&app, &unknown, &[]).unwrap();
-            assert_eq!(got.0, well_known::CSVLK_WINDOWS_SERVER_2019);
+        let data = kms_catalog::CatalogData::builtin();
+        for key in data.host_keys.iter().filter(|k| k.can_make_epid()) {
+            let epid = id.make_epid(key, NOW, [5; 32]).unwrap();
+            validate_epid(&epid).unwrap();
+            assert!(epid_matches(&epid, key), "{epid} {}", key.name);
+            // Host build and language are the identity's: one host.
+            assert!(epid.contains(&format!("-{}-{}.0000-", id.lcid, id.host_build)));
         }
-
-        // Licensed list: order respected, and only CSVLKs activating the KMS id count.
-        let w10_2016 = uuid!("30a42c86-b7a0-4a34-8c90-ff177cb2acb7");
-        let w10_2015 = uuid!("0724cb7d-3437-4cb7-93cb-830375d0079d");
-        let s2019 = well_known::CSVLK_WINDOWS_SERVER_2019; // does not activate Windows 10
-        let got = id.epid_for(&well_known::WINDOWS, &win10, &[s2019, w10_2016, w10_2015]);
-        assert_eq!(got.unwrap().0, w10_2016);
-        let got = id.epid_for(&well_known::WINDOWS, &win10, &[w10_2015, w10_2016]);
-        assert_eq!(got.unwrap().0, w10_2015);
-        // A CSVLK without ePID material (Server Next preview) is passed over.
-        let preview_kms = uuid!("6d5f5270-31ac-433e-b90a-39892923c657");
-        let got = id
-            .epid_for(&well_known::WINDOWS, &preview_kms, &[])
+        let ws2025 = data
+            .host_key(&uuid!("84e331f6-4279-48c4-ab10-b75139181351"))
             .unwrap();
-        assert_eq!(got.0, well_known::CSVLK_WINDOWS_SERVER_2019);
-    }
-
-    #[test]
-    fn epid_for_without_epids_is_none() {
-        let mut id = ident(4);
-        id.epids.clear();
-        let win10 = uuid!("58e2134f-8e11-4d17-9cb2-91069c151148");
-        assert!(id.epid_for(&well_known::WINDOWS, &win10, &[]).is_none());
+        assert!(!epid_matches(
+            "03612-04918-000-030000-03-1033-26100.0000-3052024",
+            ws2025
+        ));
+        assert!(epid_matches(
+            "03612-04919-000-030000-03-1033-26100.0000-3052024",
+            ws2025
+        ));
+        let _ = well_known::WINDOWS;
     }
 
     #[test]

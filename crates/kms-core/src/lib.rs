@@ -5,6 +5,7 @@
 //! (the host identity) travel inside the command. The same sequence of commands therefore
 //! produces the same state on every node, which is what the Raft layer relies on.
 
+pub mod catalog;
 pub mod command;
 pub mod counting;
 pub mod identity;
@@ -13,7 +14,9 @@ pub mod registry;
 pub mod security;
 pub mod state;
 pub mod stats;
+pub mod text;
 
+pub use catalog::{CatalogState, CatalogUpdate, HostKeys};
 pub use command::{
     ActivationOutcome, ActivationRequest, Command, CommandResult, ConfigApplied, ConfigChange,
     ConfigError, Grant, IdentityPatch, PolicyPatch, Refusal,

@@ -19,8 +19,9 @@ pub enum ProductPolicy {
     /// Any KMS id, known to the catalog or not (a new product works before the catalog names it).
     #[default]
     Open,
-    /// Only the KMS ids activated by [`Policy::licensed_csvlks`], like a genuine host;
-    /// others are refused with 0xC004F042.
+    /// Only the KMS ids the installed host key of the request's application activates
+    /// (down-level included), like a genuine host; others, and retail, preview or mismatched
+    /// requests, are refused with 0xC004F042.
     Strict,
 }
 
@@ -33,11 +34,13 @@ pub struct Policy {
     /// Minutes between renewals of an activated client (VLRenewalInterval).
     pub renewal_interval: u32,
     pub product_policy: ProductPolicy,
-    /// CSVLK ids (catalog `Csvlk::id`) the organisation licenses. In strict mode these decide
-    /// what is activated; in both modes they choose which CSVLK's ePID answers a KMS id.
+    /// Legacy (before host keys per application): CSVLK ids the organisation licensed. Kept
+    /// so old log entries and snapshots decode; `apply` turns a non-empty list into host keys
+    /// (the newest licensed key per application, see `Command::SetHostKeys`) and clears it.
+    /// Decisions never read it.
     pub licensed_csvlks: Vec<Uuid>,
     /// Refuse clients whose clock differs by more than this many minutes (0xC004F06C);
-    /// `None` disables the check.
+    /// `None` disables the check. Default 240 (4 hours), like a genuine host.
     pub max_clock_skew_minutes: Option<u32>,
     /// Client networks allowed to connect; empty = everyone.
     pub client_networks: Vec<IpNet>,
@@ -52,7 +55,7 @@ impl Default for Policy {
             renewal_interval: DEFAULT_RENEWAL_INTERVAL,
             product_policy: ProductPolicy::Open,
             licensed_csvlks: Vec::new(),
-            max_clock_skew_minutes: None,
+            max_clock_skew_minutes: Some(DEFAULT_MAX_CLOCK_SKEW_MINUTES),
             client_networks: Vec::new(),
             registry_retention_days: DEFAULT_RETENTION_DAYS,
         }
@@ -68,7 +71,7 @@ pub struct PolicyError {
 }
 
 impl Policy {
-    /// Checks every field against its allowed range and the catalog.
+    /// Checks every field against its allowed range (pure: `apply` calls it too).
     pub fn validate(&self) -> Result<(), PolicyError> {
         for (field, value) in [
             ("activation_interval", self.activation_interval),
@@ -100,21 +103,6 @@ impl Policy {
                     "{} days is outside 30..=3650 (a client must outlive its 30-day CMID)",
                     self.registry_retention_days
                 ),
-            });
-        }
-        let catalog = kms_catalog::catalog();
-        for id in &self.licensed_csvlks {
-            if catalog.csvlk(id).is_none() {
-                return Err(PolicyError {
-                    field: "licensed_csvlks",
-                    message: format!("{id} is not a CSVLK in the catalog"),
-                });
-            }
-        }
-        if self.product_policy == ProductPolicy::Strict && self.licensed_csvlks.is_empty() {
-            return Err(PolicyError {
-                field: "licensed_csvlks",
-                message: "strict product policy needs at least one licensed CSVLK".into(),
             });
         }
         Ok(())

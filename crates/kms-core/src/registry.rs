@@ -12,10 +12,28 @@ use uuid::Uuid;
 
 use crate::{ActivationRequest, UnixMillis};
 
-/// Hard bound on registered clients, so a flood of invented CMIDs cannot exhaust memory
+/// Default bound on registered clients, so a flood of invented CMIDs cannot exhaust memory
 /// (about 280 bytes per client: 20 million is about 5.6 GB; see docs/capacity.md). When
-/// full, the least recently seen clients make room.
+/// full, the least recently seen clients make room. kmsd replaces it at start-up with a
+/// bound derived from the node's memory ([`set_max_clients`]).
 pub const MAX_CLIENTS: usize = 20_000_000;
+
+/// The bound [`Registry::record`] applies; set once at start-up, before the first apply.
+static MAX_CLIENTS_SETTING: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(MAX_CLIENTS);
+
+/// Sets the registry bound of this process (at least 1). The bound only decides when the
+/// least recently seen inventory entries are evicted; counts and answers never depend on it.
+/// Every node of a cluster should run with the same bound (same memory, or the same
+/// explicit setting) so their inventories stay identical when full.
+pub fn set_max_clients(max: usize) {
+    MAX_CLIENTS_SETTING.store(max.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The registry bound in force (see [`set_max_clients`]).
+pub fn max_clients() -> usize {
+    MAX_CLIENTS_SETTING.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Clients evicted at once when a registry bounded by `max` is full (0.1%), so the scan
 /// that finds them is amortised.
@@ -701,7 +719,15 @@ impl Registry {
         count: u32,
         activated: bool,
     ) {
-        self.record_within(list, request, now, count, activated, MAX_CLIENTS);
+        self.record_within(list, request, now, count, activated, max_clients());
+    }
+
+    /// Whether `cmid` is registered under `list` (a cheap lookup for the KMS listeners'
+    /// new-client rate limit).
+    pub fn contains(&self, list: &Uuid, cmid: &Uuid) -> bool {
+        self.lists
+            .get(list)
+            .is_some_and(|clients| clients.contains_key(cmid))
     }
 
     /// Whether `request` was already registered under `list` (see [`is_repeat`]).

@@ -3,10 +3,11 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::catalog::CatalogState;
 use crate::command::{ActivationOutcome, ActivationRequest, Grant, Refusal};
 use crate::command::{ConfigApplied, ConfigChange, ConfigError};
 use crate::counting::{
-    application_list, filetime_to_unix_ms, Counting, ListKey, MAX_REQUIRED_CLIENT_COUNT,
+    application_list_in, filetime_to_unix_ms, Counting, ListKey, MAX_REQUIRED_CLIENT_COUNT,
 };
 use crate::policy::ProductPolicy;
 use crate::registry::{ClientPage, ClientQuery, ClientRecord, Registry};
@@ -26,8 +27,10 @@ pub const HR_CLOCK_SKEW: u32 = 0xC004_F06C;
 /// with a clear error instead of being misread.
 const SNAPSHOT_MAGIC: &[u8; 4] = b"KMSS";
 /// 4 added the configuration version (compare-and-set of configuration changes); 3 added the
-/// cluster's security state (CA, node certificates, join tokens); 2 added each client's last
-/// request time (to recognise a request applied twice); 1 to 3 are still read.
+/// cluster's security state (CA, node certificates, join tokens) and the replicated catalog
+/// and host keys; 2 added each client's last request time (to recognise a request applied
+/// twice); 1 to 3 are still read (1 and 2 without a catalog: the leader proposes the built-in
+/// one, see `Command::InitCatalog`).
 const SNAPSHOT_VERSION: u8 = 4;
 
 /// Why a snapshot could not be loaded.
@@ -90,6 +93,7 @@ struct StateV3 {
     registry: Registry,
     statistics: Statistics,
     security: ClusterSecurity,
+    catalog: CatalogState,
 }
 
 /// The latest proposer time carried by an applied command ([`Command::Activate`],
@@ -122,11 +126,70 @@ pub struct State {
     registry: Registry,
     statistics: Statistics,
     security: ClusterSecurity,
-    /// Incremented by every applied configuration change that changed something (policy,
-    /// identity overrides).
-    config_version: u64,
     #[serde(skip)]
     replicated_time: ReplicatedTime,
+    catalog: CatalogState,
+    /// Incremented by every applied configuration change that changed something (policy,
+    /// identity overrides). Snapshot format 4.
+    config_version: u64,
+}
+
+/// Strict mode, like a genuine host with one host key per application: the KMS id must be a
+/// volume product of the request's application that the installed key activates.
+fn strict_check(
+    catalog: &kms_catalog::CatalogData,
+    host_key: &kms_catalog::HostKeyData,
+    request: &ActivationRequest,
+) -> Result<(), ActivationOutcome> {
+    let kms = request.kms_counted_id;
+    let Some(item) = catalog.kms_item(&kms) else {
+        return Err(refuse(
+            HR_KMS_ID_NOT_ALLOWED,
+            format!("KMS id {kms} is not in the catalog"),
+        ));
+    };
+    if item.application_id != request.application_id {
+        return Err(refuse(
+            HR_KMS_ID_NOT_ALLOWED,
+            format!(
+                "application id {} does not match KMS id {kms} ({}) of application {}",
+                request.application_id, item.name, item.application_id
+            ),
+        ));
+    }
+    if item.is_retail || item.is_preview {
+        return Err(refuse(
+            HR_KMS_ID_NOT_ALLOWED,
+            format!("{} is a retail/OEM or preview product", item.name),
+        ));
+    }
+    if let Some(sku) = catalog.sku(&request.sku_id) {
+        if sku.is_preview {
+            return Err(refuse(
+                HR_KMS_ID_NOT_ALLOWED,
+                format!("{} is a preview edition", sku.name),
+            ));
+        }
+        if sku.kms_item_id != kms {
+            return Err(refuse(
+                HR_KMS_ID_NOT_ALLOWED,
+                format!(
+                    "SKU {} ({}) does not belong to KMS id {kms}",
+                    sku.id, sku.name
+                ),
+            ));
+        }
+    }
+    if !host_key.activates(&kms) {
+        return Err(refuse(
+            HR_KMS_ID_NOT_ALLOWED,
+            format!(
+                "{} is not activated by the installed host key {}",
+                item.name, host_key.name
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn refuse(hresult: u32, reason: impl Into<String>) -> ActivationOutcome {
@@ -162,14 +225,29 @@ impl State {
             }
             Command::SetPolicy(policy) => match policy.validate() {
                 Ok(()) => {
-                    if self.policy != *policy {
-                        self.policy = policy.clone();
+                    let before = self.policy.clone();
+                    self.policy = policy.clone();
+                    // An old-style policy naming licensed CSVLKs becomes host keys.
+                    self.catalog.migrate_licensed_csvlks(&mut self.policy);
+                    if self.policy != before {
                         self.config_version = self.config_version.saturating_add(1);
                     }
                     CommandResult::Policy(Ok(()))
                 }
                 Err(e) => CommandResult::Policy(Err(e.to_string())),
             },
+            Command::InitCatalog(update) | Command::SetCatalog(update) => {
+                let only_if_none = matches!(command, Command::InitCatalog(_));
+                CommandResult::Catalog(self.catalog.install(
+                    update,
+                    only_if_none,
+                    self.identity.as_mut(),
+                    &mut self.policy,
+                ))
+            }
+            Command::SetHostKeys(keys) => {
+                CommandResult::HostKeys(self.catalog.set_host_keys(keys, self.identity.as_mut()))
+            }
             Command::Expire { now } => {
                 self.replicated_time.observe(*now);
                 let retention_ms =
@@ -200,19 +278,33 @@ impl State {
                 message: e.message,
             })?;
         }
-        let identity = match &change.identity {
-            Some(patch) => {
-                Some(patch.patched(self.identity.as_ref().ok_or(ConfigError::NoIdentity)?))
-            }
-            None => None,
-        };
+        if change.identity.is_some() && self.identity.is_none() {
+            return Err(ConfigError::NoIdentity);
+        }
         let mut changed = Vec::new();
+        if let Some(keys) = &change.host_keys {
+            // Validates everything before it changes anything.
+            let before = (self.catalog.clone(), self.identity.clone());
+            self.catalog
+                .set_host_keys(keys, self.identity.as_mut())
+                .map_err(|message| ConfigError::Invalid {
+                    field: "policy.host_keys".into(),
+                    message,
+                })?;
+            if (&self.catalog, &self.identity) != (&before.0, &before.1) {
+                changed.push("host_keys".to_owned());
+            }
+        }
         if let Some(policy) = policy {
             if policy != self.policy {
                 self.policy = policy;
                 changed.push("policy".to_owned());
             }
         }
+        let identity = match (&change.identity, &self.identity) {
+            (Some(patch), Some(current)) => Some(patch.patched(current)),
+            _ => None,
+        };
         if let Some(identity) = identity {
             if self.identity.as_ref() != Some(&identity) {
                 self.identity = Some(identity);
@@ -238,7 +330,11 @@ impl State {
     /// Decides one request and records it in the statistics (and, if granted, in the CMID
     /// cache and the registry).
     fn activate(&mut self, now: UnixMillis, request: &ActivationRequest) -> ActivationOutcome {
-        let list = application_list(&request.application_id, &request.kms_counted_id);
+        let list = application_list_in(
+            self.catalog.catalog(),
+            &request.application_id,
+            &request.kms_counted_id,
+        );
         // The same request applied a second time (resent inside the cluster after its answer
         // deadline) is answered again but is not a second request of the client.
         let repeat = self.registry.is_repeat(&list.id, request);
@@ -288,22 +384,32 @@ impl State {
                 format!("required client count {n} exceeds {MAX_REQUIRED_CLIENT_COUNT}"),
             ));
         }
+        let Some(catalog) = self.catalog.catalog() else {
+            return Err(refuse(HR_INVALID_DATA, "product catalog not initialised"));
+        };
+        let item = catalog.kms_item(&request.kms_counted_id);
+        // The application whose host key answers: the request's when known, else the one of
+        // its KMS id, else Windows (a new product works in open mode before the catalog
+        // names it).
+        let answering_app = if catalog.application(&request.application_id).is_some() {
+            request.application_id
+        } else {
+            item.map_or(kms_catalog::well_known::WINDOWS, |i| i.application_id)
+        };
+        let Some(host_key) = self.catalog.host_key_for(&answering_app) else {
+            return Err(refuse(
+                HR_INVALID_DATA,
+                format!("no host key for application {answering_app}"),
+            ));
+        };
         if self.policy.product_policy == ProductPolicy::Strict {
-            let catalog = kms_catalog::catalog();
-            let licensed = self.policy.licensed_csvlks.iter().any(|id| {
-                catalog
-                    .csvlk(id)
-                    .is_some_and(|c| c.activates.contains(&request.kms_counted_id))
-            });
-            if !licensed {
+            let Some(installed) = self.catalog.installed(&answering_app) else {
                 return Err(refuse(
                     HR_KMS_ID_NOT_ALLOWED,
-                    format!(
-                        "KMS id {} is not activated by a licensed CSVLK",
-                        request.kms_counted_id
-                    ),
+                    format!("no host key is installed for application {answering_app}"),
                 ));
-            }
+            };
+            strict_check(catalog, installed, request)?;
         }
         if let Some(minutes) = self.policy.max_clock_skew_minutes {
             let client = i128::from(filetime_to_unix_ms(request.request_time));
@@ -318,14 +424,10 @@ impl State {
         if let Err(e) = self.counting.check(list) {
             return Err(refuse(HR_INVALID_DATA, e.to_string()));
         }
-        let Some((_, epid)) = identity.epid_for(
-            &request.application_id,
-            &request.kms_counted_id,
-            &self.policy.licensed_csvlks,
-        ) else {
+        let Some(epid) = identity.epids.get(&host_key.id) else {
             return Err(refuse(
                 HR_INVALID_DATA,
-                format!("no ePID for KMS id {}", request.kms_counted_id),
+                format!("no ePID for host key {} ({})", host_key.id, host_key.name),
             ));
         };
         Ok((epid.to_owned(), identity.hwid))
@@ -380,7 +482,11 @@ impl State {
         request: &ActivationRequest,
         pending: &[Uuid],
     ) -> ActivationOutcome {
-        let list = application_list(&request.application_id, &request.kms_counted_id);
+        let list = application_list_in(
+            self.catalog.catalog(),
+            &request.application_id,
+            &request.kms_counted_id,
+        );
         let (epid, hwid) = match self.check(now, request, &list) {
             Ok(answer) => answer,
             Err(refusal) => return refusal,
@@ -422,6 +528,11 @@ impl State {
         &self.security
     }
 
+    /// The replicated catalog and host keys.
+    pub fn catalog(&self) -> &CatalogState {
+        &self.catalog
+    }
+
     pub fn statistics(&self) -> &Statistics {
         &self.statistics
     }
@@ -443,14 +554,14 @@ impl State {
 
     /// Count summary of every application list that has seen a request, by list id.
     pub fn counts(&self, now: UnixMillis) -> Vec<AppCount> {
-        let catalog = kms_catalog::catalog();
+        let catalog = self.catalog.catalog();
         self.counting
             .lists()
             .map(|(id, cache)| AppCount {
                 application_id: *id,
                 name: catalog
-                    .application(id)
-                    .map_or_else(|| "unknown".to_owned(), |a| a.name.to_owned()),
+                    .and_then(|c| c.application(id))
+                    .map_or_else(|| "unknown".to_owned(), |a| a.name.clone()),
                 current_count: cache.live_count(now),
                 capacity: cache.capacity(),
                 max_n_seen: cache.max_n_seen(),
@@ -528,6 +639,7 @@ impl State {
                     security: v3.security,
                     config_version: 0,
                     replicated_time: ReplicatedTime::default(),
+                    catalog: v3.catalog,
                 };
                 (state, rest)
             }
@@ -542,6 +654,7 @@ impl State {
                     security: ClusterSecurity::default(),
                     config_version: 0,
                     replicated_time: ReplicatedTime::default(),
+                    catalog: CatalogState::default(),
                 };
                 (state, rest)
             }
@@ -556,6 +669,7 @@ impl State {
                     security: ClusterSecurity::default(),
                     config_version: 0,
                     replicated_time: ReplicatedTime::default(),
+                    catalog: CatalogState::default(),
                 };
                 (state, rest)
             }
@@ -574,6 +688,42 @@ impl State {
 mod tests {
     use super::*;
     use crate::registry::{ProductKey, RegistryReprV1};
+
+    #[test]
+    fn format_2_snapshots_are_read_without_a_catalog() {
+        let v2 = StateV2 {
+            identity: None,
+            policy: Policy {
+                licensed_csvlks: vec![kms_catalog::well_known::CSVLK_WINDOWS_SERVER_2019],
+                ..Policy::default()
+            },
+            counting: Counting::default(),
+            registry: Registry::default(),
+            statistics: Statistics::default(),
+        };
+        let mut bytes = SNAPSHOT_MAGIC.to_vec();
+        bytes.push(2);
+        bytes.extend(postcard::to_allocvec(&v2).unwrap());
+        let mut state = State::from_snapshot(&bytes).unwrap();
+        assert!(state.catalog().catalog().is_none());
+        // The built-in catalog proposed after the restore migrates the legacy list.
+        let r = state.apply(&Command::InitCatalog(crate::CatalogUpdate {
+            catalog: kms_catalog::CatalogData::builtin(),
+            epids: Default::default(),
+        }));
+        assert_eq!(r, CommandResult::Catalog(Ok(true)));
+        assert!(state.policy().licensed_csvlks.is_empty());
+        assert_eq!(
+            state
+                .catalog()
+                .configured_host_keys()
+                .get(&kms_catalog::well_known::WINDOWS),
+            Some(&kms_catalog::well_known::CSVLK_WINDOWS_SERVER_2019)
+        );
+        let again = State::from_snapshot(&state.to_snapshot()).unwrap();
+        assert!(again == state);
+        assert_eq!(state.to_snapshot()[SNAPSHOT_MAGIC.len()], SNAPSHOT_VERSION);
+    }
 
     #[test]
     fn format_1_snapshots_are_read() {
@@ -623,6 +773,7 @@ mod tests {
             registry: Registry::default(),
             statistics: Statistics::default(),
             security: ClusterSecurity::default(),
+            catalog: CatalogState::default(),
         };
         let mut bytes = SNAPSHOT_MAGIC.to_vec();
         bytes.push(3);
@@ -651,6 +802,7 @@ mod tests {
                     hwid: Some([interval as u8; 8]),
                     ..IdentityPatch::default()
                 }),
+                host_keys: None,
             })
         };
         let CommandResult::Config(Ok(applied)) = state.apply(&change(Some(0), 60)) else {

@@ -41,8 +41,8 @@ const CLIENTS: u32 = 100_000;
 const HEAP_BUDGET: usize = 20 * 1024 * 1024;
 
 fn identity() -> HostIdentity {
-    let epids: BTreeMap<Uuid, String> = kms_catalog::catalog()
-        .csvlks()
+    let epids: BTreeMap<Uuid, String> = kms_catalog::CatalogData::builtin()
+        .host_keys
         .iter()
         .map(|c| {
             (
@@ -70,6 +70,10 @@ fn hundred_thousand_clients_fit_the_budget() {
     let before = LIVE.load(Ordering::Relaxed);
     let mut state = State::default();
     state.apply(&Command::InitIdentity(identity()));
+    state.apply(&Command::InitCatalog(kms_core::CatalogUpdate {
+        catalog: kms_catalog::CatalogData::builtin(),
+        epids: BTreeMap::new(),
+    }));
     let mut i = 0u32;
     while i < CLIENTS {
         let now = T0 + u64::from(i) * 50;

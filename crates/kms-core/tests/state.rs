@@ -7,8 +7,8 @@ use kms_core::policy::ProductPolicy;
 use kms_core::registry::ClientQuery;
 use kms_core::state::{SnapshotError, HR_CLOCK_SKEW, HR_INVALID_DATA, HR_KMS_ID_NOT_ALLOWED};
 use kms_core::{
-    ActivationOutcome, ActivationRequest, Command, CommandResult, Grant, HostIdentity, Policy,
-    Refusal, State, UnixMillis, CMID_LIFETIME_MS, DAY_MS,
+    ActivationOutcome, ActivationRequest, CatalogUpdate, Command, CommandResult, Grant,
+    HostIdentity, HostKeys, Policy, Refusal, State, UnixMillis, CMID_LIFETIME_MS, DAY_MS,
 };
 use uuid::{uuid, Uuid};
 
@@ -22,13 +22,18 @@ const KMS_SERVER_2016: Uuid = uuid!("6e9fc069-257d-4bc4-b4a7-750514d32743");
 const KMS_OFFICE_2016: Uuid = uuid!("85b5f61b-320b-4be3-814a-b76b2bfafc82");
 const KMS_OFFICE_2010: Uuid = uuid!("e85af946-2e25-47b7-83e1-bebcebeac611");
 const CSVLK_OFFICE_2016: Uuid = uuid!("98ebfe73-2084-4c97-932c-c0cd1643bea7");
+const CSVLK_WINDOWS_SERVER_2025: Uuid = uuid!("84e331f6-4279-48c4-ab10-b75139181351");
+const KMS_SERVER_2022: Uuid = uuid!("b74263e4-0f92-46c6-bcf8-c11d5efe2959");
+const KMS_OFFICE_2019: Uuid = uuid!("617d9eb1-ef36-4f82-86e0-a65ae07b96c6");
+const KMS_OFFICE_2013: Uuid = uuid!("e6a6f1bf-9d40-40c3-aa9f-c77ba21578c0");
+const KMS_WIN10_RETAIL: Uuid = uuid!("e1c51358-fe3e-4203-a4a2-3b6b20c9734e");
 const SKU_SOME: Uuid = uuid!("00000000-0000-0000-0000-00000000beef");
 
 /// A hand-made identity with an ePID for every CSVLK of the catalog (ePID text encodes the
 /// CSVLK id so tests can tell which one answered).
 fn identity() -> HostIdentity {
-    let epids: BTreeMap<Uuid, String> = kms_catalog::catalog()
-        .csvlks()
+    let epids: BTreeMap<Uuid, String> = kms_catalog::CatalogData::builtin()
+        .host_keys
         .iter()
         .map(|c| (c.id, format!("EPID-{}", c.id)))
         .collect();
@@ -80,11 +85,22 @@ fn office(client: u128, now: UnixMillis) -> ActivationRequest {
     request(OFFICE_2013, KMS_OFFICE_2016, 5, client, now)
 }
 
+fn builtin_catalog() -> Command {
+    Command::InitCatalog(CatalogUpdate {
+        catalog: kms_catalog::CatalogData::builtin(),
+        epids: BTreeMap::new(),
+    })
+}
+
 fn ready_state() -> State {
     let mut s = State::default();
     assert_eq!(
         s.apply(&Command::InitIdentity(identity())),
         CommandResult::Identity { created: true }
+    );
+    assert_eq!(
+        s.apply(&builtin_catalog()),
+        CommandResult::Catalog(Ok(true))
     );
     s
 }
@@ -153,6 +169,7 @@ fn init_identity_first_wins_replace_overrides() {
         CommandResult::Identity { created: false }
     );
     assert_eq!(s.identity(), Some(&first));
+    s.apply(&builtin_catalog());
     s.apply(&Command::ReplaceIdentity(second.clone()));
     assert_eq!(s.identity(), Some(&second));
     let g = grant(one(&mut s, T0, win10(1, T0)));
@@ -178,15 +195,16 @@ fn set_policy_validates_and_keeps_old_on_error() {
         other => panic!("{other:?}"),
     }
     assert_eq!(s.policy(), &good);
-    // Strict without licensed CSVLKs is invalid too.
+    // Strict needs no list any more: the installed host keys decide (default: newest).
     let strict = Policy {
         product_policy: ProductPolicy::Strict,
         ..Policy::default()
     };
-    assert!(matches!(
+    assert_eq!(
         s.apply(&Command::SetPolicy(strict)),
-        CommandResult::Policy(Err(_))
-    ));
+        CommandResult::Policy(Ok(()))
+    );
+    set_policy(&mut s, good.clone());
     // Intervals from the policy go into grants.
     let g = grant(one(&mut s, T0, win10(1, T0)));
     assert_eq!((g.activation_interval, g.renewal_interval), (60, 1440));
@@ -251,37 +269,9 @@ fn n_over_1000_is_refused() {
 }
 
 #[test]
-fn strict_policy_grants_only_licensed_kms_ids() {
+fn strict_policy_grants_what_the_installed_host_keys_activate() {
     let mut s = ready_state();
-    set_policy(
-        &mut s,
-        Policy {
-            product_policy: ProductPolicy::Strict,
-            licensed_csvlks: vec![CSVLK_WINDOWS_SERVER_2019],
-            ..Policy::default()
-        },
-    );
-    let g = grant(one(&mut s, T0, server(1, T0)));
-    assert_eq!(g.epid, format!("EPID-{CSVLK_WINDOWS_SERVER_2019}"));
-    for req in [
-        win10(2, T0),
-        office(3, T0),
-        request(WINDOWS, Uuid::from_u128(0xDEAD), 25, 4, T0),
-    ] {
-        let r = refusal(one(&mut s, T0, req));
-        assert_eq!(r.hresult, HR_KMS_ID_NOT_ALLOWED);
-    }
-    // Refused requests stay out of the registry and the caches.
-    assert_eq!(s.client_count(), 1);
-    assert_eq!(s.current_count(&WINDOWS, T0), 1);
-    assert_eq!(s.current_count(&OFFICE_2013, T0), 0);
-    assert!(s.client(&cmid(2)).is_empty());
-    assert_eq!(
-        s.statistics().refusals.get(&HR_KMS_ID_NOT_ALLOWED),
-        Some(&3)
-    );
-
-    // Licensing the Office 2016 CSVLK too opens Office 2016 and answers with its ePID.
+    // The README's example in the old form: licensed CSVLKs become host keys per application.
     set_policy(
         &mut s,
         Policy {
@@ -290,8 +280,95 @@ fn strict_policy_grants_only_licensed_kms_ids() {
             ..Policy::default()
         },
     );
-    let g = grant(one(&mut s, T0, office(3, T0)));
-    assert_eq!(g.epid, format!("EPID-{CSVLK_OFFICE_2016}"));
+    assert!(
+        s.policy().licensed_csvlks.is_empty(),
+        "migrated to host keys"
+    );
+    assert_eq!(
+        s.catalog().configured_host_keys().get(&WINDOWS),
+        Some(&CSVLK_WINDOWS_SERVER_2019)
+    );
+    // Down-level: Server 2019, Server 2016, Windows 10 (LTSC 2019 and Pro/Enterprise),
+    // Office 2016 and 2013 all activate, each Windows one with the one Windows ePID.
+    for req in [
+        server(1, T0),
+        win10(2, T0),
+        request(WINDOWS, KMS_SERVER_2016, 5, 3, T0),
+    ] {
+        let g = grant(one(&mut s, T0, req));
+        assert_eq!(g.epid, format!("EPID-{CSVLK_WINDOWS_SERVER_2019}"));
+    }
+    for req in [
+        office(4, T0),
+        request(OFFICE_2013, KMS_OFFICE_2013, 5, 5, T0),
+    ] {
+        let g = grant(one(&mut s, T0, req));
+        assert_eq!(g.epid, format!("EPID-{CSVLK_OFFICE_2016}"));
+    }
+    // Newer than the key, unknown, retail, mismatched application: 0xC004F042.
+    for req in [
+        request(WINDOWS, KMS_SERVER_2022, 5, 10, T0),
+        request(OFFICE_2013, KMS_OFFICE_2019, 5, 11, T0),
+        request(WINDOWS, Uuid::from_u128(0xDEAD), 25, 12, T0),
+        request(WINDOWS, KMS_WIN10_RETAIL, 25, 13, T0),
+        request(OFFICE_2013, KMS_SERVER_2019, 5, 14, T0),
+    ] {
+        let r = refusal(one(&mut s, T0, req));
+        assert_eq!(r.hresult, HR_KMS_ID_NOT_ALLOWED, "{}", r.reason);
+    }
+    // Refused requests stay out of the registry and the caches.
+    assert_eq!(s.client_count(), 5);
+    assert!(s.client(&cmid(10)).is_empty());
+    assert_eq!(
+        s.statistics().refusals.get(&HR_KMS_ID_NOT_ALLOWED),
+        Some(&5)
+    );
+    // Installing the Windows Server 2025 key opens Server 2022.
+    assert_eq!(
+        s.apply(&Command::SetHostKeys(HostKeys {
+            keys: [(WINDOWS, CSVLK_WINDOWS_SERVER_2025)].into(),
+            epids: BTreeMap::new(),
+            host_build: None,
+        })),
+        CommandResult::HostKeys(Ok(()))
+    );
+    let g = grant(one(
+        &mut s,
+        T0,
+        request(WINDOWS, KMS_SERVER_2022, 5, 10, T0),
+    ));
+    assert_eq!(g.epid, format!("EPID-{CSVLK_WINDOWS_SERVER_2025}"));
+    // A key of another application is refused and changes nothing.
+    assert!(matches!(
+        s.apply(&Command::SetHostKeys(HostKeys {
+            keys: [(WINDOWS, CSVLK_OFFICE_2016)].into(),
+            epids: BTreeMap::new(),
+            host_build: None,
+        })),
+        CommandResult::HostKeys(Err(_))
+    ));
+    assert_eq!(
+        s.catalog().configured_host_keys().get(&WINDOWS),
+        Some(&CSVLK_WINDOWS_SERVER_2025)
+    );
+}
+
+#[test]
+fn no_catalog_refuses_and_init_catalog_first_wins() {
+    let mut s = State::default();
+    s.apply(&Command::InitIdentity(identity()));
+    let r = refusal(one(&mut s, T0, win10(1, T0)));
+    assert_eq!(r.hresult, HR_INVALID_DATA);
+    assert!(r.reason.contains("catalog"), "{}", r.reason);
+    assert_eq!(
+        s.apply(&builtin_catalog()),
+        CommandResult::Catalog(Ok(true))
+    );
+    assert_eq!(
+        s.apply(&builtin_catalog()),
+        CommandResult::Catalog(Ok(false))
+    );
+    grant(one(&mut s, T0, win10(1, T0)));
 }
 
 #[test]
@@ -309,9 +386,18 @@ fn open_policy_grants_unknown_kms_ids() {
 #[test]
 fn clock_skew_check() {
     let mut s = ready_state();
-    // Off by default: a client a year off is fine.
+    // On by default (4 hours, like a genuine host); switched off, a client a year off is
+    // fine.
     let mut r = win10(1, T0);
     r.request_time = filetime(T0 - 365 * DAY_MS);
+    assert_eq!(refusal(one(&mut s, T0, r.clone())).hresult, HR_CLOCK_SKEW);
+    set_policy(
+        &mut s,
+        Policy {
+            max_clock_skew_minutes: None,
+            ..Policy::default()
+        },
+    );
     grant(one(&mut s, T0, r));
 
     set_policy(
@@ -352,6 +438,7 @@ fn missing_epid_is_refused_without_counting() {
     let mut id = identity();
     id.epids.clear();
     s.apply(&Command::InitIdentity(id));
+    s.apply(&builtin_catalog());
     let r = refusal(one(&mut s, T0, win10(1, T0)));
     assert_eq!(r.hresult, HR_INVALID_DATA);
     assert!(r.reason.contains("ePID"), "{}", r.reason);
@@ -710,7 +797,7 @@ fn expire_drops_old_clients_and_cmids() {
 // Determinism and snapshots
 
 fn script() -> Vec<Command> {
-    let mut cmds = vec![Command::InitIdentity(identity())];
+    let mut cmds = vec![Command::InitIdentity(identity()), builtin_catalog()];
     for batch in 0..20u64 {
         let now = T0 + batch * 3 * DAY_MS;
         let reqs = (0..15u128)
@@ -882,6 +969,14 @@ fn provisional_answers_match_what_committing_the_queue_gives() {
 #[test]
 fn a_request_applied_twice_counts_once() {
     let mut s = ready_state();
+    // Clockless clients below are refused by the default clock check: switch it off.
+    set_policy(
+        &mut s,
+        Policy {
+            max_clock_skew_minutes: None,
+            ..Policy::default()
+        },
+    );
     count(&mut s, T0, win10(1, T0));
     let first = grant(one(&mut s, T0 + 1000, server(2, T0 + 1000)));
     // The same request again (a commit that outlived its answer deadline, also queued):

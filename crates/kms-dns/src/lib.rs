@@ -19,7 +19,7 @@ mod transport;
 
 pub use config::{Advertise, ConfigError, DnsConfig, PublishTarget, TsigKey};
 pub use error::{PublishError, Rcode, Stage};
-pub use lookup::{lookup_addresses, lookup_srv, LookupError};
+pub use lookup::{lookup_addresses, lookup_srv, lookup_srv_ttl, LookupError};
 pub use publisher::{
     normalize_host, DesiredSrv, PublishReport, Publisher, PublisherOptions, SrvRecord, SRV_SERVICE,
 };

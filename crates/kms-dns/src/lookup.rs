@@ -34,6 +34,22 @@ pub async fn lookup_srv(
     server: Option<SocketAddr>,
     timeout: Duration,
 ) -> Result<Vec<SrvRecord>, LookupError> {
+    let mut records: Vec<SrvRecord> = lookup_srv_ttl(domain, server, timeout)
+        .await?
+        .into_iter()
+        .map(|(record, _)| record)
+        .collect();
+    records.dedup();
+    Ok(records)
+}
+
+/// [`lookup_srv`] with each record's TTL in seconds as the server answered it (what
+/// `kmsctl diagnose` shows: how long clients keep a withdrawn host).
+pub async fn lookup_srv_ttl(
+    domain: &str,
+    server: Option<SocketAddr>,
+    timeout: Duration,
+) -> Result<Vec<(SrvRecord, u32)>, LookupError> {
     let domain = normalize_host(domain);
     if domain.is_empty() || domain.contains(char::is_whitespace) {
         return Err(LookupError::InvalidDomain(domain));
@@ -70,19 +86,25 @@ pub async fn lookup_srv(
             return Err(LookupError::Failed { name, reason });
         }
     };
-    let mut records: Vec<SrvRecord> = lookup
+    let mut records: Vec<(SrvRecord, u32)> = lookup
+        .as_lookup()
+        .records()
         .iter()
-        .map(|srv| {
-            SrvRecord::new(
-                &srv.target().to_ascii(),
-                srv.port(),
-                srv.priority(),
-                srv.weight(),
-            )
+        .filter_map(|record| match record.data() {
+            hickory_proto::rr::RData::SRV(srv) => Some((
+                SrvRecord::new(
+                    &srv.target().to_ascii(),
+                    srv.port(),
+                    srv.priority(),
+                    srv.weight(),
+                ),
+                record.ttl(),
+            )),
+            _ => None,
         })
         .collect();
     records.sort();
-    records.dedup();
+    records.dedup_by(|a, b| a.0 == b.0);
     if records.is_empty() {
         return Err(LookupError::NoRecords(domain));
     }

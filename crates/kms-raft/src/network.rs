@@ -44,7 +44,17 @@ impl Transport {
             .map_err(|e| TransportError::Address(format!("{addr}: {e}")))?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10));
+            // Dead-peer detection in seconds (issue 14): a partition that loses a segment
+            // leaves every later byte of the connection, pings included, behind TCP's
+            // backed-off retransmission (13 s after a 15 s cut). A ping unanswered for
+            // KEEP_ALIVE_TIMEOUT closes the connection, and the next call opens a new one.
+            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            // An idle connection whose peer vanished (no HTTP/2 traffic to detect it).
+            .tcp_keepalive(Some(Duration::from_secs(5)))
+            .tcp_keepalive_interval(Some(Duration::from_secs(1)))
+            .tcp_keepalive_retries(Some(3));
         if let Some(tls) = &self.tls {
             endpoint = endpoint
                 .tls_config(tls.client.clone())
@@ -81,6 +91,18 @@ impl Transport {
         Ok(c)
     }
 
+    /// Forgets the cached channel to `addr` (the next call connects anew).
+    fn drop_channel(&self, addr: &str) {
+        if let Ok(mut cache) = self.channels.lock() {
+            if cache.remove(addr).is_some() {
+                tracing::info!(
+                    peer = addr,
+                    "dropped the channel to a peer after a failed call"
+                );
+            }
+        }
+    }
+
     /// Forwards a call to the node at `raft_addr` (normally the leader).
     pub async fn forward(
         &self,
@@ -101,9 +123,24 @@ impl Transport {
             timeout,
             client.forward(self.request(request, Some(timeout))),
         )
-        .await
-        .map_err(|_| TransportError::Unreachable(format!("forward to {raft_addr} timed out")))?
-        .map_err(|s| status_error(raft_addr, s))?;
+        .await;
+        let response = match response {
+            Ok(Ok(r)) => r,
+            Ok(Err(status)) => {
+                if is_transport_failure(status.code()) {
+                    self.drop_channel(raft_addr);
+                }
+                return Err(status_error(raft_addr, status));
+            }
+            Err(_) => {
+                // The connection may be stuck behind lost segments: the next call makes a
+                // new one instead of queueing behind this.
+                self.drop_channel(raft_addr);
+                return Err(TransportError::Unreachable(format!(
+                    "forward to {raft_addr} timed out"
+                )));
+            }
+        };
         decode(&response.into_inner().reply)
     }
 
@@ -257,6 +294,13 @@ fn status_error(addr: &str, status: tonic::Status) -> TransportError {
     }
 }
 
+/// How often an HTTP/2 connection to a peer is pinged when nothing arrives on it.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a ping may go unanswered before the connection is closed (then a new one is made).
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Consecutive timed-out RPCs to a peer after which its channel is replaced by a new one.
+pub const TIMEOUTS_BEFORE_RECONNECT: u32 = 2;
+
 /// Largest gRPC message (snapshot chunks are smaller; see `snapshot_max_chunk_size`).
 pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
@@ -280,6 +324,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     async fn new_client(&mut self, target: NodeId, node: &KmsNode) -> Self::Network {
         PeerClient {
             target,
+            addr: node.raft_addr.clone(),
+            failures: 0,
             transport: self.transport.clone(),
             client: self.transport.channel(&node.raft_addr).map(|c| {
                 RaftClient::new(c)
@@ -293,6 +339,10 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 /// Raft RPCs to one peer.
 pub struct PeerClient {
     target: NodeId,
+    /// The peer's Raft address, to open a new channel.
+    addr: String,
+    /// Consecutive calls that failed in transport (timeout, unavailable).
+    failures: u32,
     transport: Transport,
     client: Result<RaftClient<Channel>, TransportError>,
 }
@@ -325,6 +375,27 @@ impl PeerClient {
             RpcKind::AppendEntries => client.append_entries(request).await,
             RpcKind::InstallSnapshot => client.install_snapshot(request).await,
         };
+        match &result {
+            Ok(_) => self.failures = 0,
+            Err(status) if is_transport_failure(status.code()) => {
+                self.failures += 1;
+                if self.failures >= TIMEOUTS_BEFORE_RECONNECT {
+                    // Replace the channel: its connection may be dead without TCP knowing.
+                    tracing::info!(
+                        peer = self.target,
+                        failures = self.failures,
+                        "new channel to a peer after consecutive failed calls"
+                    );
+                    self.failures = 0;
+                    self.client = self.transport.channel(&self.addr).map(|c| {
+                        RaftClient::new(c)
+                            .max_decoding_message_size(MAX_MESSAGE)
+                            .max_encoding_message_size(MAX_MESSAGE)
+                    });
+                }
+            }
+            Err(_) => {}
+        }
         let response = result.map_err(|status| match status.code() {
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
                 unreachable(format!(
@@ -342,6 +413,14 @@ impl PeerClient {
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
+}
+
+/// A status that says the call may not have reached the peer (not an answer from it).
+fn is_transport_failure(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+    )
 }
 
 #[derive(Debug, Clone, Copy)]

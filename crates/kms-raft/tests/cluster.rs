@@ -20,6 +20,22 @@ struct TestNode {
     _dir: tempfile::TempDir,
 }
 
+/// What kmsd does after the identity: replicate the built-in product catalog (`apply`
+/// decides with the replicated one only).
+async fn init_catalog(cluster: &Cluster) {
+    let result = cluster
+        .propose(kms_core::Command::InitCatalog(kms_core::CatalogUpdate {
+            catalog: kms_catalog::CatalogData::builtin(),
+            epids: Default::default(),
+        }))
+        .await
+        .unwrap();
+    assert!(
+        matches!(result, kms_core::CommandResult::Catalog(Ok(_))),
+        "{result:?}"
+    );
+}
+
 async fn start(id: u64, bootstrap: bool, snapshot_every: u64) -> TestNode {
     start_with(id, bootstrap, snapshot_every, |_| {}).await
 }
@@ -62,6 +78,7 @@ async fn three_nodes(tweak: impl Fn(&mut ClusterConfig)) -> [TestNode; 3] {
         .ensure_identity(Duration::from_secs(10))
         .await
         .unwrap();
+    init_catalog(&n1.cluster).await;
     let n2 = start_with(2, false, 1000, &tweak).await;
     let n3 = start_with(3, false, 1000, &tweak).await;
     for n in [&n2, &n3] {
@@ -84,7 +101,13 @@ fn request(cmid: Uuid) -> ActivationRequest {
         license_status: 2,
         binding_expiration: 43200,
         is_client_vm: false,
-        request_time: 134_000_000_000_000_000,
+        // Now: the host's clock check (4 hours) is on by default.
+        request_time: (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+            + 11_644_473_600_000)
+            * 10_000,
         workstation_name: "ws".into(),
         protocol_major: 6,
         protocol_minor: 0,
@@ -118,6 +141,7 @@ async fn three_nodes_count_as_one_host() {
         .ensure_identity(Duration::from_secs(10))
         .await
         .unwrap();
+    init_catalog(&n1.cluster).await;
     // Charge some state before the others join, so node 3 needs a snapshot.
     for _ in 0..120 {
         count(&n1, Uuid::new_v4()).await;

@@ -253,7 +253,9 @@ impl Inner {
         let seg = self.current_segment()?;
         let offset = seg.size;
         // Positioned writes: the file offset is ours, even after a failed write.
-        if let Err(e) = seg.file.write_all_at(buf, offset) {
+        if let Err(e) =
+            injected_write_error().map_or_else(|| seg.file.write_all_at(buf, offset), Err)
+        {
             return Err(self.fail(format!("write {}: {e}", segment_path(wal, seq).display())));
         }
         if let Some(seg) = self.segments.get_mut(&seq) {
@@ -306,7 +308,7 @@ impl Inner {
     /// fdatasync of the current segment, under the lock (roll and segment deletion).
     fn sync_current(&mut self, wal: &Path) -> Result<()> {
         let seg = self.current_segment()?;
-        if let Err(e) = seg.file.sync_data() {
+        if let Err(e) = fsync(&seg.file) {
             return Err(self.fail(format!(
                 "sync {}: {e}",
                 segment_path(wal, self.current).display()
@@ -317,6 +319,24 @@ impl Inner {
         self.events.push(Event::Synced(self.synced_gen));
         Ok(())
     }
+}
+
+/// fdatasync of a WAL segment, behind the `wal-fsync` failpoint (EIO on `return`; `sleep`
+/// stalls it). Without the `failpoints` feature this is `sync_data` alone.
+fn fsync(file: &File) -> io::Result<()> {
+    fail::fail_point!(crate::WAL_FSYNC, |_| Err(io::Error::other(
+        "injected fsync failure (EIO)"
+    )));
+    file.sync_data()
+}
+
+/// The `wal-write` failpoint: an injected ENOSPC on `return`, `None` otherwise.
+fn injected_write_error() -> Option<io::Error> {
+    fail::fail_point!(crate::WAL_WRITE, |_| Some(io::Error::new(
+        io::ErrorKind::StorageFull,
+        "injected write failure (ENOSPC)"
+    )));
+    None
 }
 
 /// A decoded record body (entry data is located, not copied).
@@ -680,6 +700,7 @@ impl FileStorage {
     /// last segment (an unacknowledged write cut by a crash) is cut off, damage anywhere else
     /// is [`StorageError::Corrupt`]. Fails if another process has the dir open.
     pub fn open_with(dir: &Path, options: FileOptions) -> Result<Self> {
+        crate::failpoints::init();
         fs::create_dir_all(dir).map_err(|e| io_at("create storage dir", dir, e))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = OpenOptions::new()
@@ -1099,7 +1120,7 @@ impl Storage for FileStorage {
                 inner.write_gen,
             )
         };
-        let synced = file.sync_data();
+        let synced = fsync(&file);
         let mut inner = self.lock()?;
         match synced {
             Ok(()) => {

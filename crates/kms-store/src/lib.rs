@@ -10,10 +10,12 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
+mod failpoints;
 mod file_store;
 mod memory;
 mod sled_store;
 
+pub use failpoints::{WAL_FSYNC, WAL_WRITE};
 pub use file_store::{FileOptions, FileStorage};
 pub use memory::MemoryStorage;
 pub use sled_store::SledStorage;

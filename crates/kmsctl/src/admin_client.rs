@@ -79,6 +79,18 @@ impl AdminClient {
         token: Option<String>,
         timeout: Duration,
     ) -> Result<Self, AdminError> {
+        Self::with_ca(base_url, token, timeout, None)
+    }
+
+    /// Like [`AdminClient::new`]; with `ca_pem` (PEM certificates), an `https://` node must
+    /// present a certificate signed by one of them, and only by them (the built-in web roots
+    /// are not trusted then).
+    pub fn with_ca(
+        base_url: &str,
+        token: Option<String>,
+        timeout: Duration,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, AdminError> {
         let trimmed = base_url.trim().trim_end_matches('/');
         let base = if trimmed.contains("://") {
             trimmed.to_owned()
@@ -95,17 +107,33 @@ impl AdminClient {
                 message: "expected http://HOST:PORT or https://HOST:PORT".into(),
             });
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             // A follower answers writes with 307 to the leader's admin API; followed by hand
             // in `raw` so the token goes along (never from https down to http).
             .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .build()
-            .map_err(|e| AdminError::Url {
-                url: base_url.to_owned(),
-                message: e.to_string(),
-            })?;
+            .connect_timeout(timeout.min(Duration::from_secs(5)));
+        if let Some(pem) = ca_pem {
+            let certs =
+                reqwest::Certificate::from_pem_bundle(pem).map_err(|e| AdminError::Url {
+                    url: base_url.to_owned(),
+                    message: format!("CA certificate: {e}"),
+                })?;
+            if certs.is_empty() {
+                return Err(AdminError::Url {
+                    url: base_url.to_owned(),
+                    message: "CA certificate file holds no PEM certificate".into(),
+                });
+            }
+            builder = builder.tls_built_in_root_certs(false);
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| AdminError::Url {
+            url: base_url.to_owned(),
+            message: e.to_string(),
+        })?;
         Ok(Self {
             base,
             token: token.filter(|t| !t.is_empty()),

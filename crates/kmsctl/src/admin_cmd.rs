@@ -39,6 +39,10 @@ pub struct AdminArgs {
     /// Bearer token of the admin API (when the node has one).
     #[arg(long, env = "KMSCTL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM CA certificate(s) that signed the node's admin certificate, for https:// URLs
+    /// (then only these are trusted).
+    #[arg(long = "ca-cert", env = "KMSCTL_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Seconds to wait for an answer.
     #[arg(long = "http-timeout-secs", default_value_t = 30)]
     pub timeout_secs: u64,
@@ -78,6 +82,14 @@ pub enum ClusterCmd {
     /// Join tokens of the built-in cluster PKI: `create`, `list`, `revoke ID`.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Have the leader issue the node behind --url a new certificate (presented from its
+    /// next start; the current one stays valid until the one after is issued).
+    RotateCert {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -196,7 +208,8 @@ pub enum ConfigCmd {
         json: bool,
     },
     /// Change settings: KEY=VALUE ... Keys: activation_interval, renewal_interval,
-    /// product_policy (open|strict), licensed_csvlks (comma list, empty = none),
+    /// product_policy (open|strict), host_key.windows / host_key.office / host_key.office2010
+    /// (host key id, see `kmsctl products`), licensed_csvlks (deprecated, mapped to host keys),
     /// max_clock_skew_minutes (minutes or off), client_networks (comma list of CIDRs, empty =
     /// all), registry_retention_days, hwid (16 hex digits), epid.<CSVLK id>.
     Set {
@@ -209,6 +222,33 @@ pub enum ConfigCmd {
         /// else the node answers 409 Conflict and nothing changes.
         #[arg(long, value_name = "VERSION")]
         expected_version: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CatalogCmd {
+    /// Show the replicated catalog's version, source and the installed host keys.
+    Show {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the whole replicated catalog as JSON (the format `import` takes).
+    Export {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Replace the catalog of the whole cluster with FILE (JSON, the format of `export`).
+    /// The node validates it whole first: a bad file changes nothing and the error names the
+    /// field.
+    Import {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Catalog file (JSON).
+        file: std::path::PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -235,10 +275,18 @@ pub struct ProductsArgs {
 }
 
 fn client(args: &AdminArgs) -> Result<AdminClient, AdminError> {
-    AdminClient::new(
+    let ca = match &args.ca_cert {
+        Some(path) => Some(std::fs::read(path).map_err(|e| AdminError::Url {
+            url: args.url.clone(),
+            message: format!("cannot read --ca-cert {}: {e}", path.display()),
+        })?),
+        None => None,
+    };
+    AdminClient::with_ca(
         &args.url,
         args.token.clone(),
         Duration::from_secs(args.timeout_secs.max(1)),
+        ca.as_deref(),
     )
 }
 
@@ -265,6 +313,17 @@ fn print_json(value: &impl serde::Serialize) {
     match serde_json::to_string_pretty(value) {
         Ok(s) => outln!("{s}"),
         Err(e) => eprintln!("kmsctl: cannot print JSON: {e}"),
+    }
+}
+
+/// Volume, retail/OEM or preview (strict mode refuses the last two).
+fn kind(p: &kms_admin::views::ProductView) -> &'static str {
+    if p.is_retail {
+        "retail"
+    } else if p.is_preview {
+        "preview"
+    } else {
+        "volume"
     }
 }
 
@@ -535,6 +594,24 @@ pub async fn cluster(cmd: ClusterCmd) -> u8 {
             .await
         }
         ClusterCmd::Token(cmd) => token(cmd).await,
+        ClusterCmd::RotateCert { admin, json } => {
+            run(&admin, |c| async move {
+                let view: Value = c
+                    .send(Method::POST, "/api/v1/cluster/certificate", &Value::Null)
+                    .await?;
+                if json {
+                    print_json(&view);
+                } else {
+                    outln!(
+                        "new certificate {} ({} days); restart the node to present it",
+                        view["fingerprint"].as_str().unwrap_or_default(),
+                        view["days_left"]
+                    );
+                }
+                Ok(())
+            })
+            .await
+        }
     }
 }
 
@@ -648,7 +725,8 @@ pub async fn clients(args: ClientsArgs) -> u8 {
             .iter()
             .map(|cl| {
                 vec![
-                    cut(&cl.workstation, 24),
+                    // The client's own text: no control sequences on the operator's terminal.
+                    cut(&kms_core::text::escape_control(&cl.workstation), 24),
                     cut(&cl.product, 40),
                     cut(&cl.application, 16),
                     cl.address.clone().unwrap_or_else(|| "-".into()),
@@ -745,6 +823,13 @@ fn print_config(c: &ConfigView) {
             "(none)"
         )
     );
+    for (app, key) in &p.host_keys {
+        let app_name = kms_admin::names::application_name(app);
+        let key_name = kms_catalog::catalog()
+            .csvlk(key)
+            .map_or_else(String::new, |c| c.name.to_owned());
+        outln!("host_key ({app_name}) = {key}  # {key_name}");
+    }
     outln!(
         "max_clock_skew_minutes   = {}",
         p.max_clock_skew_minutes
@@ -773,6 +858,7 @@ pub fn config_update(settings: &[String]) -> Result<Value, String> {
     let mut policy = Map::new();
     let mut identity = Map::new();
     let mut epids = Map::new();
+    let mut host_keys = Map::new();
     for setting in settings {
         let (key, value) = setting
             .split_once('=')
@@ -812,6 +898,12 @@ pub fn config_update(settings: &[String]) -> Result<Value, String> {
             "hwid" => {
                 identity.insert(key.into(), Value::from(value));
             }
+            k if k.starts_with("host_key.") => {
+                host_keys.insert(
+                    k.trim_start_matches("host_key.").to_owned(),
+                    Value::from(value),
+                );
+            }
             k if k.starts_with("epid.") => {
                 epids.insert(k.trim_start_matches("epid.").to_owned(), Value::from(value));
             }
@@ -824,6 +916,9 @@ pub fn config_update(settings: &[String]) -> Result<Value, String> {
     }
     if !epids.is_empty() {
         identity.insert("epids".into(), Value::Object(epids));
+    }
+    if !host_keys.is_empty() {
+        policy.insert("host_keys".into(), Value::Object(host_keys));
     }
     let mut body = Map::new();
     if !policy.is_empty() {
@@ -882,6 +977,88 @@ pub async fn config(cmd: ConfigCmd) -> u8 {
     }
 }
 
+fn print_catalog_summary(c: &kms_admin::views::CatalogSummary) {
+    outln!("catalog {} from {}", c.version, c.source);
+    outln!(
+        "{} product groups, {} editions, {} host keys",
+        c.kms_items,
+        c.skus,
+        c.host_keys
+    );
+    let rows: Vec<Vec<String>> = c
+        .installed
+        .iter()
+        .map(|k| {
+            vec![
+                cut(&k.application, 40),
+                cut(&k.host_key, 36),
+                if k.configured {
+                    "configured"
+                } else {
+                    "default"
+                }
+                .to_owned(),
+                k.epid.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(&["application", "host key", "chosen", "epid"], &rows);
+}
+
+pub async fn catalog(cmd: CatalogCmd) -> u8 {
+    match cmd {
+        CatalogCmd::Show { admin, json } => {
+            run(&admin, |c| async move {
+                let status = c.status().await?;
+                match &status.catalog {
+                    Some(summary) if json => print_json(summary),
+                    Some(summary) => print_catalog_summary(summary),
+                    None => outln!("no catalog replicated yet"),
+                }
+                Ok(())
+            })
+            .await
+        }
+        CatalogCmd::Export { admin } => {
+            run(&admin, |c| async move {
+                let catalog: Value = c.get("/api/v1/catalog").await?;
+                print_json(&catalog);
+                Ok(())
+            })
+            .await
+        }
+        CatalogCmd::Import { admin, file, json } => {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("kmsctl: cannot read {}: {e}", file.display());
+                    return exit::USAGE;
+                }
+            };
+            let body: Value = match serde_json::from_str(&text) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("kmsctl: {} is not JSON: {e}", file.display());
+                    return exit::USAGE;
+                }
+            };
+            run(&admin, |c| async move {
+                let summary: kms_admin::views::CatalogSummary = c
+                    .send(reqwest::Method::PUT, "/api/v1/catalog", &body)
+                    .await?;
+                if json {
+                    print_json(&summary);
+                } else {
+                    outln!("catalog imported and replicated");
+                    print_catalog_summary(&summary);
+                }
+                Ok(())
+            })
+            .await
+        }
+    }
+}
+
 pub async fn products(args: ProductsArgs) -> u8 {
     let activated = if args.activated {
         Some("true".to_owned())
@@ -914,6 +1091,7 @@ pub async fn products(args: ProductsArgs) -> u8 {
                         .as_deref()
                         .map(|c| cut(c, 36))
                         .unwrap_or_else(|| "-".into()),
+                    kind(k).to_owned(),
                     k.kms_id.to_string(),
                 ]
             })
@@ -924,7 +1102,8 @@ pub async fn products(args: ProductsArgs) -> u8 {
                 "application",
                 "n",
                 "activated",
-                "answered by (csvlk)",
+                "through host key",
+                "kind",
                 "kms id",
             ],
             &rows,
@@ -966,6 +1145,7 @@ mod tests {
             "client_networks=".into(),
             "product_policy=strict".into(),
             "hwid=0123456789ABCDEF".into(),
+            "host_key.windows=2e7a9ad1-a849-4b56-babe-17d5a29fe4b4".into(),
             "epid.2e7a9ad1-a849-4b56-babe-17d5a29fe4b4=X".into(),
             "renewal_interval=soon".into(),
         ])
@@ -979,7 +1159,8 @@ mod tests {
                     "licensed_csvlks": ["a", "b"],
                     "client_networks": [],
                     "product_policy": "strict",
-                    "renewal_interval": "soon"
+                    "renewal_interval": "soon",
+                    "host_keys": {"windows": "2e7a9ad1-a849-4b56-babe-17d5a29fe4b4"}
                 },
                 "identity": {
                     "hwid": "0123456789ABCDEF",

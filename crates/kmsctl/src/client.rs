@@ -66,6 +66,42 @@ impl KmsClient {
                 addr: addr.to_owned(),
                 source,
             })?;
+        Self::bind_on(stream, options, timeout).await
+    }
+
+    /// Like [`KmsClient::connect`] from the local address `source` (e.g. another loopback
+    /// address, to test per-source limits).
+    pub async fn connect_from(
+        addr: SocketAddr,
+        source: std::net::IpAddr,
+        options: BindOptions,
+        timeout: Duration,
+    ) -> Result<Self, KmsClientError> {
+        let connect_error = |source| KmsClientError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(connect_error)?;
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .map_err(connect_error)?;
+        let stream = tokio::time::timeout(timeout, socket.connect(addr))
+            .await
+            .map_err(|_| KmsClientError::Timeout(timeout))?
+            .map_err(connect_error)?;
+        Self::bind_on(stream, options, timeout).await
+    }
+
+    async fn bind_on(
+        stream: TcpStream,
+        options: BindOptions,
+        timeout: Duration,
+    ) -> Result<Self, KmsClientError> {
         stream.set_nodelay(true)?;
         let peer = stream.peer_addr()?;
         let mut client = Self {

@@ -5,6 +5,7 @@
 //! error (400 invalid input, 404, 409, 503, 5xx).
 
 mod admin_cmd;
+mod diagnose_cmd;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -28,8 +29,8 @@ const EXIT_UNREACHABLE: u8 = 3;
     version,
     about = "Operate and test a kms-cluster KMS host",
     after_help = "Admin commands talk to a node's admin API: --url or KMSCTL_ADMIN_URL \
-(default http://127.0.0.1:8688), token from --token or KMSCTL_TOKEN.\n\n\
-Exit codes:\n  0  success\n  1  an activation was refused or failed verification (activate, bench)\n  \
+(default http://127.0.0.1:8688), token from --token or KMSCTL_TOKEN, CA of an https:// node from --ca-cert or KMSCTL_CA_CERT.\n\n\
+Exit codes:\n  0  success\n  1  an activation was refused or failed verification (activate, bench); diagnose found a problem\n  \
 2  usage error (bad arguments)\n  3  the KMS host or the admin API could not be reached\n  \
 4  the admin API refused the token (HTTP 401/403)\n  \
 5  the admin API answered another error (400 invalid input, 404 not found, 409 conflict, 503 no leader, 5xx)"
@@ -53,8 +54,11 @@ enum Cmd {
     /// Replicated configuration: `get` or `set KEY=VALUE ...`.
     #[command(subcommand)]
     Config(admin_cmd::ConfigCmd),
-    /// Product catalog and which products the current policy activates.
+    /// Product catalog: each product group, whether it activates and through which host key.
     Products(admin_cmd::ProductsArgs),
+    /// The replicated catalog: `show`, `export`, `import FILE`.
+    #[command(subcommand)]
+    Catalog(admin_cmd::CatalogCmd),
     /// Act as a KMS client: send activation requests and verify every answer like vlmcs.
     Activate(ActivateArgs),
     /// Generate a bounded activation load and report throughput and latency.
@@ -62,6 +66,20 @@ enum Cmd {
     /// Resolve `_vlmcs._tcp.DOMAIN` and print the order a Windows client would try the hosts
     /// in (RFC 2782: lowest priority first, weighted random within a priority).
     Discover(DiscoverArgs),
+    /// Walk the path a Windows client takes (SRV lookup, name resolution, TCP, RPC bind, one
+    /// activation per protocol version, count against N, clock, policy; with --admin-url the
+    /// host's view) and say in plain words where it breaks and what to do. Exit 1 when
+    /// something breaks.
+    Diagnose(diagnose_cmd::DiagnoseArgs),
+    /// Print the man page (roff) of kmsctl or of one subcommand (packaging).
+    #[command(hide = true)]
+    Man {
+        /// Subcommand whose page to print (e.g. `activate`); default: kmsctl itself.
+        subcommand: Option<String>,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Args)]
@@ -289,12 +307,46 @@ fn main() -> ExitCode {
             Cmd::Events(args) => admin_cmd::events(args).await,
             Cmd::Config(cmd) => admin_cmd::config(cmd).await,
             Cmd::Products(args) => admin_cmd::products(args).await,
+            Cmd::Catalog(cmd) => admin_cmd::catalog(cmd).await,
             Cmd::Activate(args) => activate(args).await,
             Cmd::Bench(args) => run_bench(args).await,
             Cmd::Discover(args) => run_discover(args).await,
+            Cmd::Diagnose(args) => diagnose_cmd::run(args).await,
+            Cmd::Man { subcommand } => man(subcommand.as_deref()),
+            Cmd::Completions { shell } => {
+                let mut cmd = <Cli as clap::CommandFactory>::command();
+                clap_complete::generate(shell, &mut cmd, "kmsctl", &mut std::io::stdout());
+                0
+            }
         }
     });
     ExitCode::from(code)
+}
+
+/// `kmsctl man [SUBCOMMAND]`: the roff page on stdout.
+fn man(subcommand: Option<&str>) -> u8 {
+    let root = <Cli as clap::CommandFactory>::command();
+    let page = match subcommand {
+        None => clap_mangen::Man::new(root),
+        Some(name) => match root.find_subcommand(name) {
+            Some(sub) => clap_mangen::Man::new(sub.clone()).title(format!("kmsctl-{name}")),
+            None => {
+                eprintln!("kmsctl man: no subcommand {name:?}");
+                return EXIT_USAGE;
+            }
+        },
+    };
+    let mut out = Vec::new();
+    if let Err(e) = page.render(&mut out) {
+        eprintln!("kmsctl man: {e}");
+        return EXIT_FAILED;
+    }
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().write_all(&out) {
+        eprintln!("kmsctl man: {e}");
+        return EXIT_FAILED;
+    }
+    0
 }
 
 async fn activate(args: ActivateArgs) -> u8 {

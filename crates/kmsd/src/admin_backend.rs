@@ -52,6 +52,8 @@ pub struct NodeBackend {
     addresses: Addresses,
     /// Set once the KMS listeners are bound: before that no probe may call the node ready.
     kms_serving: AtomicBool,
+    /// Where this node keeps its cluster-PKI credentials.
+    pki_dir: Option<std::path::PathBuf>,
 }
 
 impl NodeBackend {
@@ -69,7 +71,14 @@ impl NodeBackend {
             dns,
             addresses,
             kms_serving: AtomicBool::new(false),
+            pki_dir: None,
         }
+    }
+
+    /// Where this node keeps its cluster-PKI credentials (for certificate rotation).
+    pub fn with_pki_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.pki_dir = Some(dir);
+        self
     }
 
     /// Called once the KMS listeners accept connections.
@@ -344,6 +353,36 @@ impl AdminBackend for NodeBackend {
             .iter()
             .map(|t| token_view(t, now))
             .collect())
+    }
+
+    async fn rotate_certificate(&self) -> Result<kms_admin::CertificateView, BackendError> {
+        let (kms_raft::tls::Security::Pki(current), Some(dir)) =
+            (self.engine.cluster().security(), &self.pki_dir)
+        else {
+            return Err(BackendError::Invalid {
+                field: "body".into(),
+                message: "this node runs without the built-in cluster PKI".into(),
+            });
+        };
+        // The last stored certificate may already be a rotated one (not presented yet).
+        let stored = kms_raft::pki::NodeCredentials::load(dir)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| current.clone());
+        let creds = self
+            .engine
+            .cluster()
+            .rotate_certificate(&stored)
+            .await
+            .map_err(|e| self.map_cluster_error(e))?;
+        creds
+            .save(dir)
+            .map_err(|e| BackendError::Internal(format!("storing the new certificate: {e}")))?;
+        Ok(kms_admin::CertificateView {
+            fingerprint: kms_raft::pki::fingerprint_hex(&creds.fingerprint()),
+            days_left: kms_raft::pki::days_left(&creds.cert_der).unwrap_or(0),
+            pending_restart: true,
+        })
     }
 
     async fn revoke_join_token(&self, id: &str) -> Result<(), BackendError> {

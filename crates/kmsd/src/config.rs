@@ -88,6 +88,46 @@ pub struct Cli {
     )]
     pub admin_token: Option<String>,
 
+    /// File holding the admin token (read at start, surrounding white space trimmed; refused
+    /// when every user may read it), instead of --admin-token so the token is not in argv
+    /// [admin.token_file].
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_ADMIN_TOKEN_FILE",
+        value_name = "FILE",
+        conflicts_with = "admin_token"
+    )]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// PEM certificate chain of the admin API: the API then speaks HTTPS only
+    /// [admin.tls_cert] (default: plain HTTP).
+    #[arg(global = true, long, env = "KMSD_ADMIN_TLS_CERT", value_name = "FILE")]
+    pub admin_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --admin-tls-cert [admin.tls_key].
+    #[arg(global = true, long, env = "KMSD_ADMIN_TLS_KEY", value_name = "FILE")]
+    pub admin_tls_key: Option<PathBuf>,
+
+    /// Failed admin token checks one source address may make per window before it is
+    /// answered 429 until the window ends; 0 = no limit [admin.auth_failures] (default 10).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_ADMIN_AUTH_FAILURES",
+        value_name = "N"
+    )]
+    pub admin_auth_failures: Option<u32>,
+
+    /// The window of --admin-auth-failures, in seconds [admin.auth_window_secs] (default 60).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_ADMIN_AUTH_WINDOW_SECS",
+        value_name = "SECS"
+    )]
+    pub admin_auth_window_secs: Option<u64>,
+
     /// Separate listener for /healthz, /readyz and /metrics only, e.g. for a Prometheus on
     /// another network than operators [admin.metrics_listen] (default: none; they are always
     /// on --admin-listen too).
@@ -232,6 +272,53 @@ pub struct Cli {
     )]
     pub max_pdus_per_connection: Option<u64>,
 
+    /// Most concurrent KMS connections from one source address (IPv4 address or IPv6 /64);
+    /// extra ones are closed; 0 = no limit [kms.max_connections_per_source] (default 256).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_MAX_CONNECTIONS_PER_SOURCE",
+        value_name = "N"
+    )]
+    pub max_connections_per_source: Option<u32>,
+
+    /// New clients (CMIDs not yet registered) one source address may add per second,
+    /// sustained; over it they are answered 0x800706BB (busy) and retry later; 0 = no limit
+    /// [kms.new_clients_per_sec] (default 10).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_NEW_CLIENTS_PER_SEC",
+        value_name = "RATE"
+    )]
+    pub new_clients_per_sec: Option<f64>,
+
+    /// New clients one source address may add at once [kms.new_clients_burst] (default 1000).
+    #[arg(global = true, long, env = "KMSD_NEW_CLIENTS_BURST", value_name = "N")]
+    pub new_clients_burst: Option<u32>,
+
+    /// Source networks the per-source limits do not apply to, repeatable; `none` for no
+    /// exemption [kms.edge_exempt_networks] (default 127.0.0.0/8 and ::1: load tools and a
+    /// proxy on the host itself).
+    #[arg(
+        global = true,
+        long = "edge-exempt-network",
+        env = "KMSD_EDGE_EXEMPT_NETWORKS",
+        value_name = "CIDR|none",
+        value_delimiter = ','
+    )]
+    pub edge_exempt_networks: Vec<String>,
+
+    /// Seconds one KMS connection may live, whatever it sends [kms.max_connection_secs]
+    /// (default 120; a real client needs well under a second).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_MAX_CONNECTION_SECS",
+        value_name = "SECS"
+    )]
+    pub max_connection_secs: Option<u64>,
+
     /// Client networks allowed to connect, repeatable; empty = all [kms.allow_networks].
     #[arg(
         global = true,
@@ -258,6 +345,17 @@ pub struct Cli {
         value_name = "ENGINE"
     )]
     pub storage_engine: Option<StorageEngine>,
+
+    /// Most clients kept in the registry (inventory); when full the least recently seen make
+    /// room [storage.registry_max_clients] (default: from the memory limit, 300 bytes per
+    /// client after a 64 MiB reserve, between 10,000 and 20,000,000).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_REGISTRY_MAX_CLIENTS",
+        value_name = "N"
+    )]
+    pub registry_max_clients: Option<usize>,
 
     /// Write a state snapshot and compact the log every N entries [storage.snapshot_every] (default 10000).
     #[arg(global = true, long, env = "KMSD_SNAPSHOT_EVERY", value_name = "N")]
@@ -293,7 +391,32 @@ pub struct Cli {
     )]
     pub product_policy: Option<ProductPolicyArg>,
 
-    /// Licensed CSVLK ids, repeatable [policy.licensed_csvlks] (see `kmsctl products`).
+    /// Installed Windows KMS host key group (CSVLK activation id) [policy.windows_host_key]
+    /// (default: the newest in the catalog, Windows Server 2025; see `kmsctl products`).
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_WINDOWS_HOST_KEY",
+        value_name = "GUID"
+    )]
+    pub windows_host_key: Option<Uuid>,
+
+    /// Installed Office 2013+ KMS host key group [policy.office_host_key] (default: newest,
+    /// Office LTSC 2024).
+    #[arg(global = true, long, env = "KMSD_OFFICE_HOST_KEY", value_name = "GUID")]
+    pub office_host_key: Option<Uuid>,
+
+    /// Installed Office 2010 KMS host key group [policy.office2010_host_key].
+    #[arg(
+        global = true,
+        long,
+        env = "KMSD_OFFICE2010_HOST_KEY",
+        value_name = "GUID"
+    )]
+    pub office2010_host_key: Option<Uuid>,
+
+    /// Deprecated: licensed CSVLK ids [policy.licensed_csvlks]; each is mapped to the host key
+    /// of its application (the newest one listed wins) with a warning.
     #[arg(
         long = "licensed-csvlk",
         env = "KMSD_LICENSED_CSVLKS",
@@ -355,6 +478,12 @@ pub enum Subcommand {
         #[arg(long)]
         force_single_node: bool,
     },
+    /// Print the man page (roff) of kmsd (packaging).
+    #[command(hide = true)]
+    Man,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -425,6 +554,11 @@ pub struct KmsSection {
     pub idle_timeout_secs: Option<u64>,
     pub max_pdu_size: Option<usize>,
     pub max_pdus_per_connection: Option<u64>,
+    pub max_connections_per_source: Option<u32>,
+    pub new_clients_per_sec: Option<f64>,
+    pub new_clients_burst: Option<u32>,
+    pub max_connection_secs: Option<u64>,
+    pub edge_exempt_networks: Option<Vec<String>>,
     pub allow_networks: Option<Vec<IpNet>>,
     pub ndr64: Option<bool>,
     pub btfn: Option<bool>,
@@ -437,6 +571,11 @@ pub struct AdminSection {
     pub metrics_listen: Option<SocketAddr>,
     pub advertise: Option<String>,
     pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub auth_failures: Option<u32>,
+    pub auth_window_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -472,6 +611,7 @@ pub struct StorageSection {
     pub snapshot_every: Option<u64>,
     pub snapshot_keep_logs: Option<u64>,
     pub group_commit_max: Option<usize>,
+    pub registry_max_clients: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -481,6 +621,9 @@ pub struct PolicySection {
     pub renewal_interval: Option<u32>,
     pub product_policy: Option<ProductPolicyArg>,
     pub licensed_csvlks: Option<Vec<Uuid>>,
+    pub windows_host_key: Option<Uuid>,
+    pub office_host_key: Option<Uuid>,
+    pub office2010_host_key: Option<Uuid>,
     pub max_clock_skew_minutes: Option<u32>,
     pub client_networks: Option<Vec<IpNet>>,
     pub registry_retention_days: Option<u32>,
@@ -509,6 +652,13 @@ pub struct Config {
     /// How operators and joining nodes reach this node's admin API.
     pub admin_advertise: String,
     pub admin_token: Option<String>,
+    /// Where the admin token came from (`--admin-token-file`), for check-config.
+    pub admin_token_file: Option<PathBuf>,
+    /// Certificate chain and key files of the admin API (HTTPS when set).
+    pub admin_tls: Option<AdminTlsFiles>,
+    /// Failed token checks per source and window before 429 (0 = no limit).
+    pub admin_auth_failures: u32,
+    pub admin_auth_window: std::time::Duration,
     /// Extra listener serving only `/healthz`, `/readyz` and `/metrics`.
     pub metrics_listen: Option<SocketAddr>,
     /// How the node-to-node transport is secured.
@@ -531,6 +681,12 @@ pub struct Config {
     pub idle_timeout: std::time::Duration,
     pub max_pdu_size: usize,
     pub max_pdus_per_connection: u64,
+    pub max_connection_lifetime: std::time::Duration,
+    /// Per-source limits of the KMS listeners.
+    pub edge: crate::edge::EdgeLimits,
+    /// Registry bound and where it came from (setting or memory limit).
+    pub registry_max_clients: usize,
+    pub registry_bound_source: String,
     pub allow_networks: Vec<IpNet>,
     pub ndr64: bool,
     pub btfn: bool,
@@ -540,8 +696,80 @@ pub struct Config {
     pub group_commit_max: usize,
     /// Policy to enforce at start-up, when the file or flags name any policy key.
     pub policy: Option<Policy>,
+    /// Host key per application id named by the configuration (others: catalog default).
+    pub host_keys: std::collections::BTreeMap<Uuid, Uuid>,
+    /// Warnings about deprecated settings, logged once logging is up.
+    pub config_warnings: Vec<String>,
     pub log_format: LogFormat,
     pub log_level: String,
+}
+
+/// The admin API's certificate chain and private key (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `none` (alone) or CIDR networks; a plain address means that one address.
+fn parse_exempt(list: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    let mut out = Vec::new();
+    for item in list.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        if item.eq_ignore_ascii_case("none") {
+            continue;
+        }
+        let net = item
+            .parse::<IpNet>()
+            .or_else(|_| item.parse::<std::net::IpAddr>().map(IpNet::from))
+            .map_err(|_| {
+                invalid(
+                    "kms.edge_exempt_networks",
+                    format!("{item:?} is not a network (CIDR), an address or none"),
+                )
+            })?;
+        out.push(net);
+    }
+    Ok(out)
+}
+
+/// Reads the admin token file: trimmed, at least 16 characters, not readable by every user.
+fn read_token_file(path: &Path) -> Result<String, ConfigError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| {
+            invalid(
+                "admin.token_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o004 != 0 {
+            return Err(invalid(
+                "admin.token_file",
+                format!(
+                    "{} is readable by every user (mode {mode:03o}): run `chmod 600 {}` (or 640 \
+                     with a group that only kmsd's user is in)",
+                    path.display(),
+                    path.display()
+                ),
+            ));
+        }
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        invalid(
+            "admin.token_file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(invalid(
+            "admin.token_file",
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 /// How the node-to-node transport is secured (one source: flags, file, default).
@@ -613,7 +841,9 @@ impl Config {
     }
 
     pub fn merge(cli: Cli, file: FileConfig) -> Result<Self, ConfigError> {
-        let policy = resolve_policy(&cli_policy_section(&cli), file.policy.as_ref())?;
+        let cli_section = cli_policy_section(&cli);
+        let (host_keys, config_warnings) = resolve_host_keys(&cli_section, file.policy.as_ref())?;
+        let policy = resolve_policy(&cli_section, file.policy.as_ref())?;
         let raft_listen = cli
             .raft_listen
             .or(file.raft.listen)
@@ -830,7 +1060,25 @@ impl Config {
                 "DNS publishing needs the host name clients use for this node",
             ));
         }
-        let admin_token = cli.admin_token.clone().or(file.admin.token.clone());
+        // One source of truth: the token comes from exactly one place. Flag or variable
+        // (--admin-token, --admin-token-file, KMSD_ADMIN_TOKEN[_FILE]) over the config file.
+        let admin_token_file = match (&cli.admin_token_file, &cli.admin_token) {
+            (Some(path), _) => Some(path.clone()),
+            (None, Some(_)) => None,
+            (None, None) => {
+                if file.admin.token.is_some() && file.admin.token_file.is_some() {
+                    return Err(invalid(
+                        "admin.token_file",
+                        "set either [admin] token or [admin] token_file, not both",
+                    ));
+                }
+                file.admin.token_file.clone()
+            }
+        };
+        let admin_token = match &admin_token_file {
+            Some(path) => Some(read_token_file(path)?),
+            None => cli.admin_token.clone().or(file.admin.token.clone()),
+        };
         if admin_token.as_deref().is_some_and(|t| t.trim().len() < 16) {
             return Err(invalid("admin.token", "must be at least 16 characters"));
         }
@@ -840,8 +1088,35 @@ impl Config {
                 "admin.token",
                 format!(
                     "admin.listen {admin_listen} is not a loopback address: set an admin token \
-                     (--admin-token, KMSD_ADMIN_TOKEN or [admin] token)"
+                     (--admin-token-file, --admin-token, KMSD_ADMIN_TOKEN or [admin] token)"
                 ),
+            ));
+        }
+        let admin_tls = match (
+            cli.admin_tls_cert.clone().or(file.admin.tls_cert.clone()),
+            cli.admin_tls_key.clone().or(file.admin.tls_key.clone()),
+        ) {
+            (Some(cert), Some(key)) => Some(AdminTlsFiles { cert, key }),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "admin.tls_cert",
+                    "--admin-tls-cert and --admin-tls-key go together",
+                ))
+            }
+        };
+        let admin_auth_failures = cli
+            .admin_auth_failures
+            .or(file.admin.auth_failures)
+            .unwrap_or(10);
+        let auth_window = cli
+            .admin_auth_window_secs
+            .or(file.admin.auth_window_secs)
+            .unwrap_or(60);
+        if !(1..=86_400).contains(&auth_window) {
+            return Err(invalid(
+                "admin.auth_window_secs",
+                format!("{auth_window} is outside 1..=86400"),
             ));
         }
         let metrics_listen = cli.metrics_listen.or(file.admin.metrics_listen);
@@ -893,6 +1168,81 @@ impl Config {
                 "must be >= 2 (bind + request)",
             ));
         }
+        let edge = crate::edge::EdgeLimits {
+            max_connections_per_source: cli
+                .max_connections_per_source
+                .or(file.kms.max_connections_per_source)
+                .unwrap_or(crate::edge::DEFAULT_MAX_CONNECTIONS_PER_SOURCE),
+            new_clients_per_sec: cli
+                .new_clients_per_sec
+                .or(file.kms.new_clients_per_sec)
+                .unwrap_or(crate::edge::DEFAULT_NEW_CLIENTS_PER_SEC),
+            new_clients_burst: cli
+                .new_clients_burst
+                .or(file.kms.new_clients_burst)
+                .unwrap_or(crate::edge::DEFAULT_NEW_CLIENTS_BURST),
+            max_sources: crate::edge::DEFAULT_MAX_SOURCES,
+            exempt: {
+                let list = if cli.edge_exempt_networks.is_empty() {
+                    file.kms.edge_exempt_networks.clone()
+                } else {
+                    Some(cli.edge_exempt_networks.clone())
+                };
+                match list {
+                    None => crate::edge::default_exempt(),
+                    Some(list) => parse_exempt(&list)?,
+                }
+            },
+        };
+        if !(edge.new_clients_per_sec.is_finite()
+            && (0.0..=1_000_000.0).contains(&edge.new_clients_per_sec))
+        {
+            return Err(invalid(
+                "kms.new_clients_per_sec",
+                format!(
+                    "{} is outside 0..=1000000 (0 = no limit)",
+                    edge.new_clients_per_sec
+                ),
+            ));
+        }
+        if !(1..=10_000_000).contains(&edge.new_clients_burst) {
+            return Err(invalid(
+                "kms.new_clients_burst",
+                format!("{} is outside 1..=10000000", edge.new_clients_burst),
+            ));
+        }
+        let lifetime = cli
+            .max_connection_secs
+            .or(file.kms.max_connection_secs)
+            .unwrap_or(120);
+        if !(1..=86_400).contains(&lifetime) {
+            return Err(invalid(
+                "kms.max_connection_secs",
+                format!("{lifetime} is outside 1..=86400"),
+            ));
+        }
+        let (registry_max_clients, registry_bound_source) = match cli
+            .registry_max_clients
+            .or(file.storage.registry_max_clients)
+        {
+            Some(n) if n < 1000 => {
+                return Err(invalid(
+                    "storage.registry_max_clients",
+                    format!("{n} is below 1000"),
+                ))
+            }
+            Some(n) => (n, "setting".to_owned()),
+            None => match crate::memory::memory_limit() {
+                Some(limit) => (
+                    crate::memory::clients_for(limit.bytes),
+                    format!("{} MiB from {}", limit.bytes >> 20, limit.source),
+                ),
+                None => (
+                    kms_core::registry::MAX_CLIENTS,
+                    "built-in default (memory limit unknown)".to_owned(),
+                ),
+            },
+        };
         let snapshot_every = cli
             .snapshot_every
             .or(file.storage.snapshot_every)
@@ -939,6 +1289,10 @@ impl Config {
             raft_advertise,
             admin_advertise,
             admin_token,
+            admin_token_file,
+            admin_tls,
+            admin_auth_failures,
+            admin_auth_window: std::time::Duration::from_secs(auth_window),
             metrics_listen,
             raft_security,
             join_token,
@@ -954,6 +1308,10 @@ impl Config {
             idle_timeout: std::time::Duration::from_secs(idle),
             max_pdu_size,
             max_pdus_per_connection: max_pdus,
+            max_connection_lifetime: std::time::Duration::from_secs(lifetime),
+            edge,
+            registry_max_clients,
+            registry_bound_source,
             allow_networks: if cli.allow_networks.is_empty() {
                 file.kms.allow_networks.unwrap_or_default()
             } else {
@@ -972,6 +1330,8 @@ impl Config {
                 .unwrap_or(1000),
             group_commit_max,
             policy,
+            host_keys,
+            config_warnings,
             log_format: cli.log_format.or(file.log.format).unwrap_or_default(),
             log_level: cli
                 .log_level
@@ -1002,10 +1362,71 @@ impl Config {
     }
 }
 
+/// The second line of `kmsd check-config`: admin transport and auth limit, edge limits and
+/// the registry bound.
+pub fn edge_summary(config: &Config) -> String {
+    let admin = match &config.admin_tls {
+        Some(t) => format!("https (cert {})", t.cert.display()),
+        None if config.admin_listen.ip().is_loopback() => "http (loopback)".to_owned(),
+        None => {
+            "http (NOT loopback: token in clear; set --admin-tls-cert/--admin-tls-key)".to_owned()
+        }
+    };
+    let auth = if config.admin_auth_failures == 0 {
+        "no limit".to_owned()
+    } else {
+        format!(
+            "429 after {} failures per {} s",
+            config.admin_auth_failures,
+            config.admin_auth_window.as_secs()
+        )
+    };
+    let per = |n: u32| {
+        if n == 0 {
+            "no limit".to_owned()
+        } else {
+            n.to_string()
+        }
+    };
+    let exempt = if config.edge.exempt.is_empty() {
+        "none".to_owned()
+    } else {
+        config
+            .edge
+            .exempt
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let rate = if config.edge.new_clients_per_sec <= 0.0 {
+        "no limit".to_owned()
+    } else {
+        format!(
+            "{}/s burst {}",
+            config.edge.new_clients_per_sec, config.edge.new_clients_burst
+        )
+    };
+    format!(
+        "limits: admin {admin}, auth {auth}; per source address: connections {}, new clients {rate}, exempt {exempt}; connection lifetime {} s, {} PDUs; registry max {} clients ({})",
+        per(config.edge.max_connections_per_source),
+        config.max_connection_lifetime.as_secs(),
+        config.max_pdus_per_connection,
+        config.registry_max_clients,
+        config.registry_bound_source
+    )
+}
+
 impl Config {
     /// The health URL of this node's admin listener (loopback when it listens on any address).
     pub fn local_health_url(&self) -> String {
-        let mut addr = self.admin_listen;
+        // With HTTPS on the admin port, the plain metrics listener (when there is one) is
+        // the simpler probe target.
+        let (mut addr, scheme) = match (&self.admin_tls, self.metrics_listen) {
+            (Some(_), Some(metrics)) => (metrics, "http"),
+            (Some(_), None) => (self.admin_listen, "https"),
+            (None, _) => (self.admin_listen, "http"),
+        };
         if addr.ip().is_unspecified() {
             addr.set_ip(if addr.is_ipv6() {
                 std::net::Ipv6Addr::LOCALHOST.into()
@@ -1013,7 +1434,7 @@ impl Config {
                 std::net::Ipv4Addr::LOCALHOST.into()
             });
         }
-        format!("http://{addr}/healthz")
+        format!("{scheme}://{addr}/healthz")
     }
 }
 
@@ -1034,10 +1455,113 @@ fn cli_policy_section(cli: &Cli) -> PolicySection {
         renewal_interval: cli.renewal_interval,
         product_policy: cli.product_policy,
         licensed_csvlks: (!cli.licensed_csvlks.is_empty()).then(|| cli.licensed_csvlks.clone()),
+        windows_host_key: cli.windows_host_key,
+        office_host_key: cli.office_host_key,
+        office2010_host_key: cli.office2010_host_key,
         max_clock_skew_minutes: cli.max_clock_skew_minutes,
         client_networks: None,
         registry_retention_days: cli.registry_retention_days,
     }
+}
+
+/// Host keys per application from the configuration: the explicit keys, plus the legacy
+/// `licensed_csvlks` mapped to the newest listed key of each application (with a warning).
+/// Checked against the compiled-in catalog (the replicated one re-checks in `apply`).
+fn resolve_host_keys(
+    cli: &PolicySection,
+    file: Option<&PolicySection>,
+) -> Result<(std::collections::BTreeMap<Uuid, Uuid>, Vec<String>), ConfigError> {
+    use kms_catalog::well_known::{OFFICE_2010, OFFICE_2013, WINDOWS};
+    let empty = PolicySection::default();
+    let file = file.unwrap_or(&empty);
+    let cat = kms_catalog::catalog();
+    let mut keys = std::collections::BTreeMap::new();
+    let mut warnings = Vec::new();
+    if let Some(legacy) = cli
+        .licensed_csvlks
+        .clone()
+        .or_else(|| file.licensed_csvlks.clone())
+    {
+        let mut mapped = Vec::new();
+        for id in &legacy {
+            let Some(c) = cat.csvlk(id).filter(|c| !c.application_id.is_nil()) else {
+                return Err(ConfigError::Invalid {
+                    key: "policy.licensed_csvlks",
+                    message: format!("{id} is not a KMS host key of the catalog"),
+                });
+            };
+            let newer = keys
+                .get(&c.application_id)
+                .and_then(|k| cat.csvlk(k))
+                .is_none_or(|old| old.release_date < c.release_date);
+            if newer {
+                keys.insert(c.application_id, c.id);
+            }
+            mapped.push(c.name);
+        }
+        // Applications the list did not cover have no host key (strict refuses them, as
+        // the list did).
+        for app in [WINDOWS, OFFICE_2013, OFFICE_2010] {
+            keys.entry(app).or_insert(Uuid::nil());
+        }
+        warnings.push(format!(
+            "policy.licensed_csvlks (--licensed-csvlk) is deprecated: a host has one host key per \
+             application; mapped [{}] to host keys [{}]; use windows_host_key, office_host_key \
+             and office2010_host_key instead",
+            mapped.join(", "),
+            keys.iter()
+                .map(|(app, k)| format!(
+                    "{}: {}",
+                    cat.application(app).map_or("?", |a| a.name),
+                    cat.csvlk(k).map_or("none", |c| c.name)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    for (key_name, app, value) in [
+        (
+            "policy.windows_host_key",
+            WINDOWS,
+            cli.windows_host_key.or(file.windows_host_key),
+        ),
+        (
+            "policy.office_host_key",
+            OFFICE_2013,
+            cli.office_host_key.or(file.office_host_key),
+        ),
+        (
+            "policy.office2010_host_key",
+            OFFICE_2010,
+            cli.office2010_host_key.or(file.office2010_host_key),
+        ),
+    ] {
+        let Some(id) = value else { continue };
+        if id.is_nil() {
+            keys.insert(app, id); // no host key installed for this application
+            continue;
+        }
+        match cat.csvlk(&id) {
+            Some(c) if c.application_id == app => {
+                keys.insert(app, id);
+            }
+            Some(c) => {
+                return Err(ConfigError::Invalid {
+                    key: key_name,
+                    message: format!("{id} ({}) is a host key of another application", c.name),
+                })
+            }
+            None => {
+                return Err(ConfigError::Invalid {
+                    key: key_name,
+                    message: format!(
+                        "{id} is not a KMS host key of the catalog (see `kmsctl products`)"
+                    ),
+                })
+            }
+        }
+    }
+    Ok((keys, warnings))
 }
 
 fn section_is_empty(s: &PolicySection) -> bool {
@@ -1062,7 +1586,11 @@ fn resolve_policy(
         return Ok(None);
     }
     let defaults = Policy::default();
-    let skew = cli.max_clock_skew_minutes.or(file.max_clock_skew_minutes);
+    // Not given: the genuine host's 4 hours; 0 switches the check off.
+    let skew = cli
+        .max_clock_skew_minutes
+        .or(file.max_clock_skew_minutes)
+        .or(defaults.max_clock_skew_minutes);
     let policy = Policy {
         activation_interval: cli
             .activation_interval
@@ -1076,11 +1604,8 @@ fn resolve_policy(
             Some(ProductPolicyArg::Strict) => ProductPolicy::Strict,
             Some(ProductPolicyArg::Open) | None => ProductPolicy::Open,
         },
-        licensed_csvlks: cli
-            .licensed_csvlks
-            .clone()
-            .or_else(|| file.licensed_csvlks.clone())
-            .unwrap_or_default(),
+        // Mapped to host keys by `resolve_host_keys`; never replicated as a list again.
+        licensed_csvlks: Vec::new(),
         max_clock_skew_minutes: skew.filter(|m| *m != 0),
         client_networks: cli
             .client_networks
@@ -1114,6 +1639,66 @@ mod tests {
         let mut all = vec!["kmsd"];
         all.extend_from_slice(args);
         Cli::try_parse_from(all).expect("valid command line")
+    }
+
+    #[test]
+    fn host_keys_from_the_readme_example_and_legacy_lists() {
+        use kms_catalog::well_known::{OFFICE_2010, OFFICE_2013, WINDOWS};
+        let ws2019 = Uuid::parse_str("2e7a9ad1-a849-4b56-babe-17d5a29fe4b4").unwrap();
+        let o2016 = Uuid::parse_str("98ebfe73-2084-4c97-932c-c0cd1643bea7").unwrap();
+        // The README's [policy] example.
+        let file: FileConfig = toml::from_str(&format!(
+            "[policy]\nproduct_policy = \"strict\"\nwindows_host_key = \"{ws2019}\"\noffice_host_key = \"{o2016}\"\n"
+        ))
+        .unwrap();
+        let cfg = Config::merge(parse(&[]), file).unwrap();
+        assert_eq!(
+            cfg.host_keys,
+            [(WINDOWS, ws2019), (OFFICE_2013, o2016)].into()
+        );
+        assert!(cfg.config_warnings.is_empty());
+        let policy = cfg.policy.unwrap();
+        assert_eq!(policy.product_policy, ProductPolicy::Strict);
+        assert_eq!(policy.max_clock_skew_minutes, Some(240), "genuine default");
+        // The old list: mapped per application with a warning, uncovered ones get no key.
+        let cfg = Config::merge(
+            parse(&[
+                "--licensed-csvlk",
+                &o2016.to_string(),
+                "--licensed-csvlk",
+                &ws2019.to_string(),
+            ]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.host_keys,
+            [
+                (WINDOWS, ws2019),
+                (OFFICE_2013, o2016),
+                (OFFICE_2010, Uuid::nil())
+            ]
+            .into()
+        );
+        assert!(
+            cfg.config_warnings[0].contains("deprecated"),
+            "{:?}",
+            cfg.config_warnings
+        );
+        assert!(cfg.policy.unwrap().licensed_csvlks.is_empty());
+        // A key of another application is an error naming the setting.
+        let err = Config::merge(
+            parse(&["--windows-host-key", &o2016.to_string()]),
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("policy.windows_host_key"), "{err}");
+        let err = Config::merge(
+            parse(&["--licensed-csvlk", &Uuid::from_u128(5).to_string()]),
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("policy.licensed_csvlks"), "{err}");
     }
 
     #[test]
@@ -1197,6 +1782,82 @@ mod tests {
             FileConfig::default()
         )
         .is_ok());
+    }
+
+    #[test]
+    fn edge_limits_from_file_and_flags_with_keys_named() {
+        let cfg = Config::merge(parse(&[]), FileConfig::default()).unwrap();
+        assert_eq!(cfg.edge, crate::edge::EdgeLimits::default());
+        assert_eq!(cfg.max_connection_lifetime.as_secs(), 120);
+        assert_eq!(
+            (cfg.admin_auth_failures, cfg.admin_auth_window.as_secs()),
+            (10, 60)
+        );
+        let file: FileConfig = toml::from_str(
+            "[kms]\nmax_connections_per_source = 32\nnew_clients_per_sec = 2.5\n\
+             new_clients_burst = 50\nedge_exempt_networks = [\"10.1.0.0/16\"]\n\
+             max_connection_secs = 30\n[storage]\nregistry_max_clients = 200000\n\
+             [admin]\nauth_failures = 5\nauth_window_secs = 600\n",
+        )
+        .unwrap();
+        let cfg = Config::merge(parse(&["--new-clients-burst", "70"]), file).unwrap();
+        assert_eq!(cfg.edge.max_connections_per_source, 32);
+        assert_eq!(cfg.edge.new_clients_per_sec, 2.5);
+        assert_eq!(cfg.edge.new_clients_burst, 70);
+        assert_eq!(
+            cfg.edge.exempt,
+            vec!["10.1.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(cfg.max_connection_lifetime.as_secs(), 30);
+        assert_eq!(cfg.registry_max_clients, 200_000);
+        assert_eq!(cfg.registry_bound_source, "setting");
+        assert_eq!(
+            (cfg.admin_auth_failures, cfg.admin_auth_window.as_secs()),
+            (5, 600)
+        );
+        let cfg = Config::merge(
+            parse(&["--edge-exempt-network", "none"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert!(cfg.edge.exempt.is_empty());
+        for (args, key) in [
+            (
+                &["--new-clients-per-sec", "NaN"][..],
+                "kms.new_clients_per_sec",
+            ),
+            (&["--new-clients-burst", "0"][..], "kms.new_clients_burst"),
+            (
+                &["--max-connection-secs", "0"][..],
+                "kms.max_connection_secs",
+            ),
+            (
+                &["--edge-exempt-network", "nope"][..],
+                "kms.edge_exempt_networks",
+            ),
+            (
+                &["--registry-max-clients", "10"][..],
+                "storage.registry_max_clients",
+            ),
+            (
+                &["--admin-auth-window-secs", "0"][..],
+                "admin.auth_window_secs",
+            ),
+            (&["--admin-tls-cert", "/x.pem"][..], "admin.tls_cert"),
+        ] {
+            let err = Config::merge(parse(args), FileConfig::default()).unwrap_err();
+            assert!(err.to_string().contains(key), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn token_and_token_file_in_the_file_are_exclusive() {
+        let file: FileConfig = toml::from_str(
+            "[admin]\ntoken = \"0123456789abcdef\"\ntoken_file = \"/run/secrets/t\"\n",
+        )
+        .unwrap();
+        let err = Config::merge(parse(&[]), file).unwrap_err();
+        assert!(err.to_string().contains("admin.token_file"), "{err}");
     }
 
     #[test]

@@ -13,8 +13,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::edge::{EdgeLimiter, EdgeLimits, NewClientCheck, Refusal, RefusalReporter};
 use crate::engine::Engine;
 use crate::telemetry;
+
+/// HRESULT answered to a new client over its source's new-client rate:
+/// HRESULT_FROM_WIN32(RPC_S_SERVER_TOO_BUSY), "The RPC server is too busy to complete this
+/// operation". The error stub is an ordinary failed activation (protocol sheet 2.7): the
+/// client records the HRESULT and tries again after its activation interval (120 minutes by
+/// default), like after any failed attempt; the code says "busy", not "bad request"
+/// (0x8007000D) or "this host cannot be used" (0xC004F042). See docs/security.md.
+pub const HR_SERVER_BUSY: u32 = 0x8007_06BB;
+
+/// How often the per-source table forgets idle sources.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// At most one log line and event per refusal reason in this period.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// Limits and negotiation settings of the KMS listeners.
 #[derive(Debug, Clone)]
@@ -23,6 +37,10 @@ pub struct KmsServerConfig {
     pub max_connections: usize,
     pub idle_timeout: Duration,
     pub max_pdus_per_connection: u64,
+    /// Longest life of one connection, whatever it sends.
+    pub max_connection_lifetime: Duration,
+    /// Per-source limits (connections, new CMIDs).
+    pub edge: EdgeLimits,
     /// Local allow-list of client networks (empty = all); the replicated policy's list
     /// applies on top of it.
     pub allow_networks: Vec<IpNet>,
@@ -33,16 +51,39 @@ pub struct KmsService {
     pub config: KmsServerConfig,
     pub engine: Engine,
     connections: Arc<Semaphore>,
+    edge: Arc<EdgeLimiter>,
+    reporter: RefusalReporter,
 }
 
 impl KmsService {
     pub fn new(config: KmsServerConfig, engine: Engine) -> Arc<Self> {
         let connections = Arc::new(Semaphore::new(config.max_connections));
+        let edge = EdgeLimiter::new(config.edge.clone());
         Arc::new(Self {
             config,
             engine,
             connections,
+            edge,
+            reporter: RefusalReporter::new(REPORT_EVERY),
         })
+    }
+
+    /// Forgets idle sources of the per-source table every 30 s until `shutdown`.
+    pub async fn sweep_sources(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            self.edge.sweep(Instant::now());
+            metrics::gauge!("kms_edge_sources_tracked").set(self.edge.tracked() as f64);
+        }
+    }
+
+    fn edge_refused(&self, reason: Refusal, peer: SocketAddr) {
+        let report = self.reporter.refused(&self.edge, reason, Instant::now());
+        telemetry::edge_refused(reason, report, peer, self.edge.limits());
     }
 
     /// Accepts connections on `listener` until `shutdown` flips to true.
@@ -78,10 +119,20 @@ impl KmsService {
                 tracing::info!(%peer, "client network not allowed; closing");
                 continue;
             }
+            // Over its source's connection cap: closed without a byte, like an unreachable
+            // host, so a real client moves on to the next host of the SRV list.
+            let slot = match self.edge.connect(peer.ip()) {
+                Ok(slot) => slot,
+                Err(reason) => {
+                    self.edge_refused(reason, peer);
+                    continue;
+                }
+            };
             let service = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                let _slot = slot;
                 metrics::gauge!("kms_open_connections").increment(1.0);
                 service.handle_connection(stream, peer, shutdown).await;
                 metrics::gauge!("kms_open_connections").decrement(1.0);
@@ -113,11 +164,19 @@ impl KmsService {
         let mut header = [0u8; HEADER_LEN];
         let mut pdu = Vec::with_capacity(512);
         let mut pdus: u64 = 0;
+        let end_of_life = tokio::time::sleep(self.config.max_connection_lifetime);
+        tokio::pin!(end_of_life);
         loop {
             // The idle timeout covers waiting for a PDU and receiving all of it, so a client
-            // dripping one byte at a time cannot hold a connection forever.
+            // dripping one byte at a time cannot hold a connection forever; the lifetime
+            // bounds a connection that keeps sending.
             let read = tokio::select! {
                 r = tokio::time::timeout(self.config.idle_timeout, read_pdu(&mut stream, &mut header, &mut pdu, self.config.rpc.max_pdu_len)) => r,
+                () = &mut end_of_life => {
+                    telemetry::rpc_fault("lifetime");
+                    tracing::info!(%peer, "connection lifetime reached; closing");
+                    return;
+                }
                 _ = shutdown.changed() => return,
             };
             match read {
@@ -137,6 +196,8 @@ impl KmsService {
                 }
                 Ok(Ok(())) => {}
             }
+            // Every PDU counts, BIND and ALTER_CONTEXT included: a connection cannot
+            // re-negotiate forever.
             pdus += 1;
             if pdus > self.config.max_pdus_per_connection {
                 telemetry::rpc_fault("too_many_pdus");
@@ -193,6 +254,10 @@ impl KmsService {
             }
         };
         let base = &decoded.base;
+        if let Err(reason) = self.admit_client(base, peer.ip()).await {
+            self.edge_refused(reason, peer);
+            return Some(Err(HR_SERVER_BUSY));
+        }
         let request = ActivationRequest {
             application_id: base.application_id,
             sku_id: base.sku_id,
@@ -240,6 +305,32 @@ impl KmsService {
         };
         telemetry::activation(base, &outcome, peer, started.elapsed());
         Some(result)
+    }
+}
+
+impl KmsService {
+    /// The per-source new-client check: a registered CMID always passes, a new one needs a
+    /// token of its source's bucket (see [`crate::edge`]).
+    async fn admit_client(&self, base: &kms::BaseRequest, ip: IpAddr) -> Result<(), Refusal> {
+        let now = Instant::now();
+        match self.edge.new_client(ip, now) {
+            NewClientCheck::Allowed => Ok(()),
+            NewClientCheck::LookUp => {
+                let list = kms_core::counting::application_list(
+                    &base.application_id,
+                    &base.kms_counted_id,
+                )
+                .id;
+                let known = self
+                    .engine
+                    .state()
+                    .read()
+                    .await
+                    .registry()
+                    .contains(&list, &base.client_machine_id);
+                self.edge.new_client_after_lookup(ip, known, now)
+            }
+        }
     }
 }
 

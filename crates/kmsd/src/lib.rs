@@ -3,11 +3,15 @@
 
 pub mod admin;
 pub mod admin_backend;
+pub mod catalog;
 pub mod config;
 pub mod dns;
+pub mod edge;
 pub mod engine;
+pub mod hardening;
 pub mod join;
 pub mod kms_server;
+pub mod memory;
 pub mod node;
 pub mod pki;
 pub mod telemetry;

@@ -90,8 +90,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Written by the DNS publisher (when configured), read by status and /metrics.
     let dns_status: admin::DnsHandle = Default::default();
 
-    std::fs::create_dir_all(&config.data_dir)
+    // Everything kmsd writes is private to its user: the state holds the client registry
+    // (workstation names, addresses) and the host identity.
+    crate::hardening::private_umask();
+    let tightened = crate::hardening::secure_data_dir(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    if tightened > 0 {
+        tracing::warn!(
+            data_dir = %config.data_dir.display(),
+            entries = tightened,
+            "removed group and world access from the data dir (now 0700, files 0600)"
+        );
+    }
+    crate::hardening::warn_exposed_tsig_secrets(&config.dns);
+    kms_core::registry::set_max_clients(config.registry_max_clients);
+    tracing::info!(
+        max_clients = config.registry_max_clients,
+        from = %config.registry_bound_source,
+        "client registry bound"
+    );
     let state_dir = config.data_dir.join("state");
     let engine_kind = config.storage_engine;
     let storage = tokio::task::spawn_blocking(move || open_storage(engine_kind, &state_dir))
@@ -143,26 +160,52 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let events = telemetry::event_log();
-    let admin_backend = Arc::new(admin::NodeBackend::new(
-        engine.clone(),
-        prometheus,
-        events.clone(),
-        dns_status.clone(),
-        admin::Addresses {
-            kms: config.kms_listen.clone(),
-            admin: admin_listener.local_addr()?,
-            raft: config.raft_listen,
-            metrics: match &metrics_listener {
-                Some(l) => Some(l.local_addr()?),
-                None => None,
+    let admin_backend = Arc::new(
+        admin::NodeBackend::new(
+            engine.clone(),
+            prometheus,
+            events.clone(),
+            dns_status.clone(),
+            admin::Addresses {
+                kms: config.kms_listen.clone(),
+                admin: admin_listener.local_addr()?,
+                raft: config.raft_listen,
+                metrics: match &metrics_listener {
+                    Some(l) => Some(l.local_addr()?),
+                    None => None,
+                },
             },
-        },
-    ));
-    let router = admin::router(admin_backend.clone(), config.admin_token.clone());
+        )
+        .with_pki_dir(crate::pki::pki_dir(&config.data_dir)),
+    );
+    let router = admin::router(
+        admin_backend.clone(),
+        config.admin_token.clone(),
+        config.admin_auth_failures,
+        config.admin_auth_window,
+        config.admin_tls.is_some(),
+    );
     let mut admin_shutdown = shutdown_rx.clone();
-    let admin_task = tokio::spawn(admin::serve(admin_listener, router, async move {
+    let admin_stop = async move {
         let _ = admin_shutdown.changed().await;
-    }));
+    };
+    let admin_task = match &config.admin_tls {
+        Some(files) => {
+            let tls = admin::tls_server_config_from_files(&files.cert, &files.key)?;
+            tracing::info!(cert = %files.cert.display(), "admin API over HTTPS");
+            tokio::spawn(admin::serve_tls(admin_listener, router, tls, admin_stop))
+        }
+        None => {
+            if !config.admin_listen.ip().is_loopback() {
+                tracing::warn!(
+                    addr = %config.admin_listen,
+                    "admin API over plain HTTP on a non-loopback address: the token travels \
+                     in clear; set --admin-tls-cert and --admin-tls-key"
+                );
+            }
+            tokio::spawn(admin::serve(admin_listener, router, admin_stop))
+        }
+    };
     // Health and metrics on their own listener too, when configured (never the API).
     let metrics_task = metrics_listener.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
@@ -200,6 +243,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         build = identity.host_build,
         "host identity ready"
     );
+    for warning in &config.config_warnings {
+        tracing::warn!("{warning}");
+    }
+    crate::catalog::ensure_catalog(&engine, &identity, Duration::from_secs(120)).await?;
+    crate::catalog::check_rpc_features(&identity, config.ndr64, config.btfn);
     if matches!(
         config.raft_security,
         crate::config::RaftSecurity::ClusterPki
@@ -230,6 +278,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
+    if !config.host_keys.is_empty() {
+        crate::catalog::apply_host_keys(&engine, &config.host_keys).await?;
+    }
+
     let kms = KmsService::new(
         KmsServerConfig {
             rpc: kms_wire::server::ServerConfig {
@@ -240,12 +292,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             max_connections: config.max_connections,
             idle_timeout: config.idle_timeout,
             max_pdus_per_connection: config.max_pdus_per_connection,
+            max_connection_lifetime: config.max_connection_lifetime,
+            edge: config.edge.clone(),
             allow_networks: config.allow_networks.clone(),
         },
         engine.clone(),
     );
     let listeners = bind_listeners(&config.kms_listen, config.kms_listen_is_default)?;
     let mut tasks = Vec::new();
+    tokio::spawn(kms.clone().sweep_sources(shutdown_rx.clone()));
     for listener in listeners {
         tracing::info!(addr = %listener.local_addr()?, "KMS listening");
         tasks.push(tokio::spawn(
@@ -389,10 +444,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     tracing::info!(node_id = config.node_id, data_dir = %config.data_dir.display(), "kmsd ready");
-    wait_for_signal().await;
-    tracing::info!(
-        "shutting down: withdrawing DNS records, closing listeners, handing over leadership"
-    );
+    // A storage failure stops the Raft core for good (the write-ahead log refuses every
+    // write after a failed fsync): the node then fail-stops, so that its supervisor
+    // (systemd Restart=on-failure, Kubernetes) restarts it and the log is replayed, instead
+    // of living on with a dead core and a /healthz that says ok (issue 14).
+    let fatal = tokio::select! {
+        _ = wait_for_signal() => None,
+        why = raft_stopped(engine.cluster()) => Some(why),
+    };
+    match &fatal {
+        None => tracing::info!(
+            "shutting down: withdrawing DNS records, closing listeners, handing over leadership"
+        ),
+        Some(why) => tracing::error!(
+            error = %why,
+            "the replicated state stopped: withdrawing DNS records, closing listeners, exiting"
+        ),
+    }
     if dns_shared.is_some() {
         // Withdraw this node's SRV record before it stops answering.
         crate::dns::withdraw_self(&config, &dns_sink).await;
@@ -404,15 +472,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = task.await;
     }
     let _ = expire_task.await;
-    engine.cluster().step_down().await;
+    if fatal.is_none() {
+        engine.cluster().step_down().await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
     if let Some(task) = metrics_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     engine.cluster().shutdown().await;
     drop(kms);
+    if let Some(why) = fatal {
+        anyhow::bail!("the replicated state stopped: {why}");
+    }
     tracing::info!("kmsd stopped");
     Ok(())
+}
+
+/// Returns once the Raft core has stopped on a fatal error (storage, panic), with the reason.
+async fn raft_stopped(cluster: &kms_raft::Cluster) -> String {
+    let mut metrics = cluster.raft().metrics();
+    loop {
+        let state = metrics.borrow().running_state.clone();
+        if let Err(fatal) = state {
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "the Raft core exited".to_owned();
+        }
+    }
 }
 
 async fn wait_for_signal() {
@@ -445,8 +532,12 @@ pub use kms_server::KmsService as Service;
 
 /// `kmsd healthcheck`: exit 0 when `url` answers 200 within the timeout.
 pub async fn healthcheck(url: &str, timeout_secs: u64) -> std::process::ExitCode {
+    // A probe of this node's own HTTPS admin port on loopback sends no secret and needs no
+    // CA: the operator's certificate names the service, not 127.0.0.1.
+    let own_loopback_https = url.starts_with("https://127.") || url.starts_with("https://[::1]");
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(timeout_secs.max(1)))
+        .danger_accept_invalid_certs(own_loopback_https)
         .build()
     {
         Ok(c) => c,

@@ -33,6 +33,7 @@ const RPC_FAULT_REASONS: &[&str] = &[
     "fault_pdu",
     "closed",
     "not_committed",
+    "lifetime",
 ];
 
 /// Registers counters that must exist (at 0) from the start: alert expressions on
@@ -44,6 +45,65 @@ pub fn register_metrics() {
         metrics::counter!("kms_rpc_faults_total", "reason" => *reason).absolute(0);
     }
     metrics::gauge!("kms_open_connections").set(0.0);
+    for reason in crate::edge::RefusalReporter::reasons() {
+        metrics::counter!("kms_edge_refused_total", "reason" => reason.label()).absolute(0);
+    }
+    // Counted by the admin API's token check (kms-admin).
+    for reason in ["unauthorized", "throttled"] {
+        metrics::counter!("kms_admin_auth_refused_total", "reason" => reason).absolute(0);
+    }
+}
+
+/// One refusal by a per-source edge limit: always counted; `report` (at most one per
+/// period and reason) also writes a log line and an event.
+pub fn edge_refused(
+    reason: crate::edge::Refusal,
+    report: Option<crate::edge::RefusalReport>,
+    peer: SocketAddr,
+    limits: &crate::edge::EdgeLimits,
+) {
+    metrics::counter!("kms_edge_refused_total", "reason" => reason.label()).increment(1);
+    let Some(report) = report else {
+        return;
+    };
+    let (what, limit) = match reason {
+        crate::edge::Refusal::Connections => (
+            "connections over the per-source connection limit",
+            format!("{} connections", limits.max_connections_per_source),
+        ),
+        crate::edge::Refusal::NewClients => (
+            "new clients over the per-source new-client rate",
+            format!(
+                "{}/s, burst {}",
+                limits.new_clients_per_sec, limits.new_clients_burst
+            ),
+        ),
+    };
+    tracing::warn!(
+        reason = reason.label(),
+        source = %peer.ip(),
+        refused = report.count,
+        limit = %limit,
+        "refused {} {what} (latest from {})",
+        report.count,
+        peer.ip()
+    );
+    event_log().push(
+        wall_clock_ms(),
+        ids::EDGE_REFUSED,
+        "warning",
+        format!(
+            "Refused {} {what} ({limit}); latest from {}",
+            report.count,
+            peer.ip()
+        ),
+        json!({
+            "reason": reason.label(),
+            "source": peer.ip().to_string(),
+            "refused": report.count,
+            "limit": limit,
+        }),
+    );
 }
 
 /// Records one DNS publishing attempt for `zone` (counter + event 12294 on success, 12293
@@ -194,13 +254,16 @@ pub fn activation(
     ));
     record_duration(protocol, elapsed);
     let product = product_name(req);
+    // The workstation name is the client's text: escaped so it cannot forge log lines or
+    // carry terminal control sequences.
+    let workstation = kms_core::text::escape_control(&req.workstation_name);
     let hresult_text = format!("0x{hresult:08X}");
     let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
     tracing::info!(
         target: "kms::activation",
         event_id = 12290u32,
         client = %peer,
-        workstation = %req.workstation_name,
+        workstation = %workstation,
         cmid = %req.client_machine_id,
         product = %product,
         kms_id = %req.kms_counted_id,
@@ -220,11 +283,11 @@ pub fn activation(
         if hresult == 0 { "info" } else { "warning" },
         format!(
             "An activation request has been processed: {product} from {} ({}), count {count}, result {hresult_text}",
-            req.workstation_name, peer.ip()
+            workstation, peer.ip()
         ),
         ActivationFields {
             client: peer,
-            workstation: &req.workstation_name,
+            workstation: &workstation,
             cmid: req.client_machine_id,
             sku_id: req.sku_id,
             product: &product,

@@ -144,13 +144,18 @@ advertise = "{{ $fqdn }}:{{ $v.ports.raft }}"
 {{- if and (eq $i 0) $v.cluster.bootstrap }}
 # No join list: with an empty volume this pod bootstraps a new cluster (cluster.bootstrap).
 {{- else }}
-# Used only with an empty volume: ask these members to add this node (retried).
+# Used only with an empty volume: join through these members' Raft ports (retried){{ if not $v.raftTls.enabled }},
+# with the shared cluster secret (KMSD_CLUSTER_SECRET_FILE){{ end }}.
 join = [
 {{- $first := true -}}
 {{- range $j := until (int $v.replicaCount) -}}
 {{- if ne $j $i -}}
 {{- if not $first }}, {{ end -}}
+{{- if $v.raftTls.enabled -}}
 "http://{{ include "kms-cluster.podFqdn" (list $top $j) }}:{{ $v.ports.admin }}"
+{{- else -}}
+"{{ include "kms-cluster.podFqdn" (list $top $j) }}:{{ $v.ports.raft }}"
+{{- end -}}
 {{- $first = false -}}
 {{- end -}}
 {{- end -}}
@@ -193,6 +198,11 @@ level = {{ $v.config.log.level | quote }}
      the pods when it changes. The per-pod join lists are left out on purpose: adding a
      replica changes them, and must not restart the existing pods (they have data and
      never read the list again). */}}
+{{/* Name of the Secret holding the shared cluster secret (built-in cluster PKI). */}}
+{{- define "kms-cluster.clusterSecretName" -}}
+{{- default (printf "%s-cluster-secret" (include "kms-cluster.fullname" .)) .Values.clusterPki.existingSecret -}}
+{{- end -}}
+
 {{- define "kms-cluster.configChecksum" -}}
 {{- $v := .Values -}}
 {{- list $v.ports $v.config $v.metrics.separateListener $v.raftTls.enabled $v.raftTls.serverName $v.dns.publish $v.dns.advertiseHostTemplate $v.dns.advertisePort | toJson | sha256sum -}}
