@@ -385,7 +385,21 @@ impl State {
             ));
         }
         let Some(catalog) = self.catalog.catalog() else {
-            return Err(refuse(HR_INVALID_DATA, "product catalog not initialised"));
+            // A history from before the replicated catalog: a 0.1 data dir replaying the log
+            // behind its snapshot, until the leader's `InitCatalog` is applied. Such entries
+            // were granted by the old build; they are decided as by an open host without a
+            // catalog (the application's own list, the identity's first ePID), which every node
+            // does alike, so the clients they recorded are kept.
+            if let Err(e) = self.counting.check(list) {
+                return Err(refuse(HR_INVALID_DATA, e.to_string()));
+            }
+            let epid = identity
+                .epids
+                .values()
+                .next()
+                .cloned()
+                .ok_or_else(|| refuse(HR_INVALID_DATA, "product catalog not initialised"))?;
+            return Ok((epid, identity.hwid));
         };
         let item = catalog.kms_item(&request.kms_counted_id);
         // The application whose host key answers: the request's when known, else the one of

@@ -354,12 +354,25 @@ fn strict_policy_grants_what_the_installed_host_keys_activate() {
 }
 
 #[test]
-fn no_catalog_refuses_and_init_catalog_first_wins() {
+fn a_history_without_catalog_keeps_its_clients_and_init_catalog_first_wins() {
+    // A 0.1 data dir replays the log behind its snapshot before the leader's InitCatalog:
+    // those activations were granted by the old build and stay granted, in the
+    // application's own list, the same on every node.
     let mut s = State::default();
-    s.apply(&Command::InitIdentity(identity()));
-    let r = refusal(one(&mut s, T0, win10(1, T0)));
-    assert_eq!(r.hresult, HR_INVALID_DATA);
-    assert!(r.reason.contains("catalog"), "{}", r.reason);
+    let id = identity();
+    s.apply(&Command::InitIdentity(id.clone()));
+    let g = grant(one(&mut s, T0, win10(1, T0)));
+    assert_eq!(g.current_count, 1);
+    assert_eq!(Some(&g.epid), id.epids.values().next());
+    let mut other = State::default();
+    other.apply(&Command::InitIdentity(id));
+    assert_eq!(grant(one(&mut other, T0, win10(1, T0))), g);
+    // Without an identity it is still refused.
+    let mut bare = State::default();
+    assert_eq!(
+        refusal(one(&mut bare, T0, win10(1, T0))).hresult,
+        HR_INVALID_DATA
+    );
     assert_eq!(
         s.apply(&builtin_catalog()),
         CommandResult::Catalog(Ok(true))
@@ -368,7 +381,8 @@ fn no_catalog_refuses_and_init_catalog_first_wins() {
         s.apply(&builtin_catalog()),
         CommandResult::Catalog(Ok(false))
     );
-    grant(one(&mut s, T0, win10(1, T0)));
+    // The client counted before the catalog is the same client afterwards.
+    assert_eq!(count(&mut s, T0, win10(1, T0)), 1);
 }
 
 #[test]
