@@ -189,11 +189,11 @@ fn slow_rejoin_follower_back_within_3s_of_heal() {
 }
 
 /// The other half of the slow-rejoin bug: the rejoining follower, whose term climbed while it
-/// was cut off, must not depose the healthy leader. OPEN: openraft 0.9 has no pre-vote; the
-/// fix lives in kms-raft's cluster.rs (docs/faults-election-guard.patch, verified: term stays
-/// 1, back in 113 ms). Not in run.sh until that lands; then add it there.
+/// was cut off, must not depose the healthy leader. openraft 0.9 has no pre-vote; the fix is
+/// kms-raft's election guard (`cluster/election_guard.rs`): a node stands only while it
+/// reaches a majority of the voters.
 #[test]
-#[ignore = "open bug until docs/faults-election-guard.patch lands in cluster.rs; needs root"]
+#[ignore = "needs root and network namespaces; run by tests/faults/run.sh"]
 fn rejoining_follower_does_not_depose_the_leader() {
     let mut cluster = Cluster::start(3, &[]);
     let rt = cluster.lab.client_runtime();

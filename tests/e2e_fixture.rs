@@ -196,7 +196,7 @@ async fn release_0_1_data_dir_is_read_by_the_current_build() {
         }
         assert_eq!(
             epid_of(&status, id),
-            epid_of(&want_status, id),
+            epid_of(want_status, id),
             "ePID of {id}"
         );
         kept += 1;

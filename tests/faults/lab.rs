@@ -469,6 +469,24 @@ impl FNode {
     }
 
     /// `GET path` as JSON, or None when the node does not answer within 2 s.
+    /// A Prometheus sample of this node's `/metrics` (name plus labels as written).
+    pub fn metric(&self, prefix: &str) -> Option<f64> {
+        match http(
+            self.admin(),
+            "GET",
+            "/metrics",
+            None,
+            Duration::from_secs(2),
+        ) {
+            Ok((200, body)) => body
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok()),
+            _ => None,
+        }
+    }
+
     pub fn get(&self, path: &str) -> Option<Value> {
         match http(self.admin(), "GET", path, None, Duration::from_secs(2)) {
             Ok((200, body)) => serde_json::from_str(&body).ok(),

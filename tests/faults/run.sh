@@ -35,6 +35,7 @@ if [ "${1:-}" = "--soak" ]; then
   tests=(soak_random_faults)
 else
   tests=(ci_schedule_every_nemesis_once slow_rejoin_follower_back_within_3s_of_heal
+    rejoining_follower_does_not_depose_the_leader
     storage_failure_fail_stops_the_node_and_a_restart_heals_it)
 fi
 for t in "${tests[@]}"; do

@@ -501,10 +501,11 @@ pub fn apply(
             let mut skew = None;
             while asked.elapsed() < Duration::from_secs(10) {
                 std::thread::sleep(Duration::from_millis(250));
-                skew = cluster
-                    .status(nodes[0])
-                    .and_then(|s| s["time_ms"].as_u64())
-                    .map(|t| t as i64 - kms_tests::now_ms() as i64);
+                // The node's own wall clock against the cluster's time (the status answers
+                // with the cluster time, which a jumped clock does not move).
+                skew = cluster.nodes[nodes[0] - 1]
+                    .metric("kms_clock_offset_seconds")
+                    .map(|s| (s * 1000.0) as i64);
                 if skew.is_some_and(|s| s > 3_600_000) {
                     break;
                 }

@@ -16,6 +16,7 @@
 
 mod batcher;
 pub mod config;
+mod election_guard;
 mod handover;
 mod membership;
 mod provisional;
@@ -113,6 +114,9 @@ pub struct ClusterInner {
     /// a long downtime looks like that); 2: otherwise (a jump while running never makes this
     /// node accept its wall clock).
     clock_start: std::sync::atomic::AtomicU8,
+    /// The election guard's verdict: this node reaches a majority of the voters (see
+    /// [`election_guard`]); elections are allowed only then.
+    majority_reachable: std::sync::atomic::AtomicBool,
 }
 
 /// The cluster handle (cheap to clone).
@@ -222,6 +226,7 @@ impl Cluster {
             clock_unfit: Mutex::new(None),
             leaderless: Mutex::new((None, false)),
             clock_start: std::sync::atomic::AtomicU8::new(0),
+            majority_reachable: std::sync::atomic::AtomicBool::new(true),
         });
         // Fitness is known before the first election timer can fire.
         inner.check_clock().await;
@@ -246,6 +251,10 @@ impl Cluster {
         tokio::spawn(run_batcher(
             Arc::downgrade(&inner),
             batch_rx,
+            shutdown_rx.clone(),
+        ));
+        tokio::spawn(election_guard::run(
+            Arc::downgrade(&inner),
             shutdown_rx.clone(),
         ));
         tokio::spawn(run_housekeeping(Arc::downgrade(&inner), shutdown_rx));
@@ -601,7 +610,7 @@ impl ClusterInner {
             Some(reason) => {
                 let stand =
                     voters <= 1 || (!leading && unfit_since_start && leaderless_for >= grace);
-                runtime.elect(stand);
+                runtime.elect(stand && self.majority_reachable());
                 runtime.heartbeat(!(leading && voters > 1));
                 if changed {
                     tracing::error!(
@@ -623,7 +632,7 @@ impl ClusterInner {
                 }
             }
             None => {
-                runtime.elect(true);
+                runtime.elect(self.majority_reachable());
                 runtime.heartbeat(true);
                 if changed {
                     tracing::info!(
