@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kms_catalog::CatalogData;
-use kms_tests::{binary, http_request, now_ms, Node};
+use kms_tests::{binary, now_ms, Node};
 use kmsctl::client::{Answer, KmsClient};
 use kmsctl::products::{Product, RequestTemplate};
 use serde_json::Value;
@@ -75,7 +75,9 @@ async fn ask(node: &Node, r: &Req) -> Result<String, u32> {
 }
 
 fn put_json(node: &Node, path: &str, body: &str) -> (u16, Value) {
-    let (status, text) = http_request(node.admin_addr, "PUT", path, Some(body)).unwrap();
+    // Writes go to the leader: a follower answers 307, followed here like kmsctl does.
+    let (status, text) =
+        kms_tests::http_request_to_leader(node.admin_addr, "PUT", path, Some(body)).unwrap();
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 

@@ -366,6 +366,35 @@ pub fn http_request(
     http_request_full(addr, method, path, json_body).map(|(status, body, _)| (status, body))
 }
 
+/// Like [`http_request`], following `307` answers (a follower's admin API sends writes to the
+/// leader's) with the same method and body, as kmsctl does.
+pub fn http_request_to_leader(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json_body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut addr = addr;
+    let mut path = path.to_owned();
+    for _ in 0..5 {
+        let (status, body, location) = http_request_full(addr, method, &path, json_body)?;
+        let Some(next) = location.filter(|_| status == 307) else {
+            return Ok((status, body));
+        };
+        let rest = next.trim_start_matches("http://");
+        let (host, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        addr = host
+            .parse()
+            .map_err(|e| std::io::Error::other(format!("redirect to {next}: {e}")))?;
+        path = if tail.is_empty() {
+            "/".into()
+        } else {
+            tail.to_owned()
+        };
+    }
+    Err(std::io::Error::other("too many redirects"))
+}
+
 /// Like [`http_request`], also returning the `Location` header.
 pub fn http_request_full(
     addr: SocketAddr,

@@ -153,16 +153,7 @@ impl Transport {
         enrollment: Enrollment,
         timeout: Duration,
     ) -> Result<Enrolled, TransportError> {
-        let endpoint = Endpoint::from_shared(format!("https://{raft_addr}"))
-            .map_err(|e| TransportError::Address(format!("{raft_addr}: {e}")))?
-            .connect_timeout(self.connect_timeout)
-            .tls_config(Tls::enrollment_client(ca_der))
-            .map_err(|e| TransportError::Tls(format!("{raft_addr}: {e}")))?;
-        let channel = tokio::time::timeout(timeout, endpoint.connect())
-            .await
-            .map_err(|_| TransportError::Unreachable(format!("{raft_addr}: connect timed out")))?
-            .map_err(|e| TransportError::Unreachable(format!("{raft_addr}: {e}")))?;
-        let mut client = RaftClient::new(channel);
+        let channel = self.enrollment_channel(raft_addr, ca_der, timeout).await?;
         let request = EnrollRequest {
             token_id: enrollment.token_id,
             token_secret: enrollment.token_secret,
@@ -170,14 +161,9 @@ impl Transport {
             csr: enrollment.csr_der,
             challenge: Vec::new(),
         };
-        let response =
-            tokio::time::timeout(timeout, client.enroll(self.request(request, Some(timeout))))
-                .await
-                .map_err(|_| {
-                    TransportError::Unreachable(format!("enroll at {raft_addr} timed out"))
-                })?
-                .map_err(|s| status_error(raft_addr, s))?
-                .into_inner();
+        let response = self
+            .enroll_call(channel, raft_addr, request, timeout)
+            .await?;
         Ok(Enrolled {
             cert_der: response.certificate,
             ca_der: response.ca_certificate,
@@ -194,28 +180,15 @@ impl Transport {
         challenge: &[u8],
         timeout: Duration,
     ) -> Result<(Vec<u8>, Vec<u8>), TransportError> {
-        let endpoint = Endpoint::from_shared(format!("https://{raft_addr}"))
-            .map_err(|e| TransportError::Address(format!("{raft_addr}: {e}")))?
-            .connect_timeout(self.connect_timeout)
-            .tls_config(Tls::enrollment_client(ca_der))
-            .map_err(|e| TransportError::Tls(format!("{raft_addr}: {e}")))?;
-        let channel = tokio::time::timeout(timeout, endpoint.connect())
-            .await
-            .map_err(|_| TransportError::Unreachable(format!("{raft_addr}: connect timed out")))?
-            .map_err(|e| TransportError::Unreachable(format!("{raft_addr}: {e}")))?;
+        let channel = self.enrollment_channel(raft_addr, ca_der, timeout).await?;
         let request = EnrollRequest {
             token_id: token_id.to_owned(),
             challenge: challenge.to_vec(),
             ..Default::default()
         };
-        let response = tokio::time::timeout(
-            timeout,
-            RaftClient::new(channel).enroll(self.request(request, Some(timeout))),
-        )
-        .await
-        .map_err(|_| TransportError::Unreachable(format!("challenge at {raft_addr} timed out")))?
-        .map_err(|s| status_error(raft_addr, s))?
-        .into_inner();
+        let response = self
+            .enroll_call(channel, raft_addr, request, timeout)
+            .await?;
         Ok((response.proof, response.ca_certificate))
     }
 
@@ -226,26 +199,56 @@ impl Transport {
         enrollment: Enrollment,
         timeout: Duration,
     ) -> Result<Enrolled, TransportError> {
-        let mut client = RaftClient::new(self.shared_channel(raft_addr)?);
         let request = EnrollRequest {
-            token_id: String::new(),
-            token_secret: String::new(),
             node_id: enrollment.node_id,
             csr: enrollment.csr_der,
-            challenge: Vec::new(),
+            ..Default::default()
         };
-        let response =
-            tokio::time::timeout(timeout, client.enroll(self.request(request, Some(timeout))))
-                .await
-                .map_err(|_| {
-                    TransportError::Unreachable(format!("enroll at {raft_addr} timed out"))
-                })?
-                .map_err(|s| status_error(raft_addr, s))?
-                .into_inner();
+        let channel = self.shared_channel(raft_addr)?;
+        let response = self
+            .enroll_call(channel, raft_addr, request, timeout)
+            .await?;
         Ok(Enrolled {
             cert_der: response.certificate,
             ca_der: response.ca_certificate,
         })
+    }
+
+    /// A connection for a node without a certificate: it verifies the member against
+    /// `ca_der` and presents nothing.
+    async fn enrollment_channel(
+        &self,
+        raft_addr: &str,
+        ca_der: &[u8],
+        timeout: Duration,
+    ) -> Result<Channel, TransportError> {
+        let endpoint = Endpoint::from_shared(format!("https://{raft_addr}"))
+            .map_err(|e| TransportError::Address(format!("{raft_addr}: {e}")))?
+            .connect_timeout(self.connect_timeout)
+            .tls_config(Tls::enrollment_client(ca_der))
+            .map_err(|e| TransportError::Tls(format!("{raft_addr}: {e}")))?;
+        tokio::time::timeout(timeout, endpoint.connect())
+            .await
+            .map_err(|_| TransportError::Unreachable(format!("{raft_addr}: connect timed out")))?
+            .map_err(|e| TransportError::Unreachable(format!("{raft_addr}: {e}")))
+    }
+
+    /// One `Enroll` call (enrollment, challenge or rotation) within `timeout`.
+    async fn enroll_call(
+        &self,
+        channel: Channel,
+        raft_addr: &str,
+        request: EnrollRequest,
+        timeout: Duration,
+    ) -> Result<crate::proto::EnrollResponse, TransportError> {
+        tokio::time::timeout(
+            timeout,
+            RaftClient::new(channel).enroll(self.request(request, Some(timeout))),
+        )
+        .await
+        .map_err(|_| TransportError::Unreachable(format!("enroll at {raft_addr} timed out")))?
+        .map(tonic::Response::into_inner)
+        .map_err(|s| status_error(raft_addr, s))
     }
 
     /// Asks the member at `raft_addr` (the leader) to add this enrolled node.
